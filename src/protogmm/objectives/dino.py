@@ -1,0 +1,238 @@
+"""The DINO self-distillation loss on prototype scores (design.md §4).
+
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (ICCV 2021),
+Eq. (1)-(3) and Algorithm 1; the reference is ``DINOLoss`` in facebookresearch/dino
+``main_dino.py``, which this module reproduces term for term. It works on the cosine
+scores of any :class:`~protogmm.prototypes.base.PrototypeSet`, and also accepts ready-made
+teacher targets, e.g. the posterior of a decoupled ``OnlineGMM`` (design.md §3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protogmm._checks import check_in_range, check_positive_int
+
+
+def _check_views(name: str, x: object, num_prototypes: int) -> Tensor:
+    """Check that ``x`` is a floating-point ``[V, B, K]`` tensor with ``K == num_prototypes``."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape [views, batch, K], got shape {tuple(x.shape)}")
+    if x.shape[2] != num_prototypes:
+        raise ValueError(
+            f"{name} must have K={num_prototypes} in its last dim, got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(
+            f"{name} must have at least one view and one sample, got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_temperature(name: str, value: float) -> float:
+    return check_in_range(name, value, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # At least float32 (softmax of scores / 0.04 overflows or loses mass in half precision),
+    # but keep float64 when given so reference tests can be exact.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between centred, sharpened teacher and student prototype distributions.
+
+    With student scores ``s`` and teacher scores ``t`` (cosines against the prototypes),
+    Caron et al. (2021), Eq. (1)-(3):
+
+    * student: ``P_s = softmax(s / tau_s)``;
+    * teacher: ``P_t = softmax((t - C) / tau_t)``, with ``C`` an EMA of the teacher's mean
+      score (centering, Eq. (4): ``C <- m C + (1 - m) mean_b t_b``);
+    * loss: ``sum over global teacher views v and crops v' != v`` of
+      ``H(P_t^v, P_s^{v'}) = -sum_k P_t^v[k] log P_s^{v'}[k]``, averaged over the batch.
+
+    Exactly as facebookresearch/dino ``main_dino.py`` ``DINOLoss.forward``, the pair terms
+    are *averaged* (summed, then divided by the number of pairs
+    ``V_t * V_s - V_t``), and the center is updated after the targets are built, so
+    the current step's targets use the previous center.
+
+    Inputs are view-stacked: ``student_scores`` ``[V_s, B, K]`` holds all crops, the first
+    ``V_t`` being the global views in the teacher's order; ``teacher_scores`` ``[V_t, B, K]``
+    holds the global views only. The student's log-softmax runs in float32 (or float64)
+    also under autocast; teacher targets never carry gradient.
+
+    Args:
+        num_prototypes: K, the number of prototypes (score columns).
+        student_temperature: ``tau_s`` (> 0); DINO uses 0.1.
+        center_momentum: ``m`` in ``[0, 1]``; DINO uses 0.9.
+
+    Attributes:
+        center: buffer ``[1, K]``, the EMA of teacher scores (zeros at init).
+    """
+
+    center: Tensor
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        student_temperature: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.num_prototypes = check_positive_int("num_prototypes", num_prototypes)
+        self.student_temperature = _check_temperature("student_temperature", student_temperature)
+        self.center_momentum = check_in_range("center_momentum", center_momentum, 0.0, 1.0)
+        self.register_buffer("center", torch.zeros(1, num_prototypes))
+
+    @torch.no_grad()
+    def teacher_distribution(self, teacher_scores: Tensor, teacher_temperature: float) -> Tensor:
+        """Centred, sharpened teacher targets ``softmax((t - C) / tau_t)`` (Eq. (3)-(4)).
+
+        Uses the current center and does not update it.
+
+        Args:
+            teacher_scores: ``[V_t, B, K]`` teacher cosine scores.
+            teacher_temperature: ``tau_t`` (> 0); DINO warms it up from 0.04 to 0.07.
+
+        Returns:
+            ``[V_t, B, K]`` probabilities in float32 (float64 for float64 input), no grad.
+        """
+        _check_views("teacher_scores", teacher_scores, self.num_prototypes)
+        tau = _check_temperature("teacher_temperature", teacher_temperature)
+        dtype = _compute_dtype(teacher_scores)
+        centred = teacher_scores.detach().to(dtype) - self.center.to(dtype)
+        return F.softmax(centred / tau, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_scores: Tensor) -> None:
+        """EMA update of the center with the mean teacher score (DINO ``update_center``).
+
+        ``C <- m C + (1 - m) * (sum of all V_t * B teacher rows) / (V_t * B * world_size)``,
+        the sum being all-reduced over ranks when ``torch.distributed`` runs with more than
+        one process (assumes equal batch sizes per rank, as DINO does).
+
+        Args:
+            teacher_scores: ``[V_t, B, K]`` teacher cosine scores.
+        """
+        _check_views("teacher_scores", teacher_scores, self.num_prototypes)
+        rows = teacher_scores.detach().reshape(-1, self.num_prototypes)
+        batch_center = rows.to(_compute_dtype(rows)).sum(dim=0, keepdim=True)
+        count = rows.shape[0]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(batch_center)
+            count *= dist.get_world_size()
+        batch_center = batch_center / count
+        m = self.center_momentum
+        # In place, so the buffer object that DDP/EMA/checkpoints refer to stays the same.
+        self.center.copy_(self.center * m + batch_center.to(self.center.dtype) * (1.0 - m))
+
+    def forward(
+        self,
+        student_scores: Tensor,
+        teacher_scores: Tensor | None = None,
+        *,
+        teacher_temperature: float | None = None,
+        teacher_probs: Tensor | None = None,
+        update_center: bool = True,
+    ) -> Tensor:
+        """DINO loss over all (global teacher view, other student crop) pairs.
+
+        Give either ``teacher_scores`` with ``teacher_temperature`` (the host's own teacher
+        path: centering + sharpening, then the center update), or ``teacher_probs`` (ready
+        targets, e.g. GMM posteriors: used as-is, no centering or sharpening, center
+        untouched).
+
+        Args:
+            student_scores: ``[V_s, B, K]`` student cosine scores, V_s >= 2.
+            teacher_scores: ``[V_t, B, K]`` teacher cosine scores, V_t <= V_s.
+            teacher_temperature: ``tau_t`` (> 0), required with ``teacher_scores``.
+            teacher_probs: ``[V_t, B, K]`` target distributions (rows summing to 1).
+            update_center: update the center from ``teacher_scores`` after building the
+                targets (whatever ``self.training`` is). Ignored with ``teacher_probs``.
+
+        Returns:
+            Scalar loss (float32, or float64 for float64 input).
+
+        Raises:
+            ValueError: on a bad shape, a missing or doubled target input, or a
+                non-positive temperature; the message names the argument.
+        """
+        _check_views("student_scores", student_scores, self.num_prototypes)
+        num_student, batch = student_scores.shape[:2]
+        if num_student < 2:
+            raise ValueError(
+                "student_scores must hold at least 2 views (one teacher/student pair), "
+                f"got shape {tuple(student_scores.shape)}"
+            )
+        if (teacher_scores is None) == (teacher_probs is None):
+            raise ValueError(
+                "give exactly one of teacher_scores or teacher_probs, got "
+                f"teacher_scores={'None' if teacher_scores is None else 'a tensor'} and "
+                f"teacher_probs={'None' if teacher_probs is None else 'a tensor'}"
+            )
+
+        if teacher_scores is not None:
+            name, teacher = "teacher_scores", teacher_scores
+            if teacher_temperature is None:
+                raise ValueError("teacher_temperature is required with teacher_scores, got None")
+        else:
+            name, teacher = "teacher_probs", teacher_probs
+            if teacher_temperature is not None:
+                raise ValueError(
+                    "teacher_temperature must be None with teacher_probs (targets are used "
+                    f"as-is), got {teacher_temperature!r}"
+                )
+        _check_views(name, teacher, self.num_prototypes)
+        num_teacher = teacher.shape[0]
+        if teacher.shape[1] != batch:
+            raise ValueError(
+                f"{name} must have the batch size of student_scores {tuple(student_scores.shape)}"
+                f", got shape {tuple(teacher.shape)}"
+            )
+        if num_teacher > num_student:
+            raise ValueError(
+                f"{name} must have at most as many views as student_scores "
+                f"{tuple(student_scores.shape)}, got shape {tuple(teacher.shape)}"
+            )
+
+        dtype = _compute_dtype(student_scores)
+        if teacher_scores is not None:
+            targets = self.teacher_distribution(teacher_scores, teacher_temperature)
+        else:
+            targets = teacher_probs.detach()
+        targets = targets.to(dtype)
+
+        # Explicit upcast instead of relying on autocast's float32 softmax list, so a bf16
+        # student under autocast gets the same log-probabilities as in full precision.
+        log_probs = F.log_softmax(student_scores.to(dtype) / self.student_temperature, dim=-1)
+
+        total = student_scores.new_zeros((), dtype=dtype)
+        for t in range(num_teacher):
+            # [V_s]: batch-mean cross-entropy of teacher view t against every student crop.
+            ce = -(targets[t] * log_probs).sum(dim=-1).mean(dim=-1)
+            # Drop the same-view term by a 0/1 weight, not boolean indexing (which would
+            # force a device sync to size its result).
+            others = torch.ones_like(ce)
+            others[t] = 0.0
+            total = total + (ce * others).sum()
+        loss = total / (num_teacher * (num_student - 1))
+
+        if teacher_scores is not None and update_center:
+            self.update_center(teacher_scores)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_prototypes={self.num_prototypes}, "
+            f"student_temperature={self.student_temperature}, "
+            f"center_momentum={self.center_momentum}"
+        )
