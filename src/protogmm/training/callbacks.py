@@ -1,0 +1,254 @@
+"""Training callbacks: online k-NN monitor, collapse monitor, run report.
+
+Each callback only orchestrates: the science lives in the pure-PyTorch bricks
+(:mod:`protogmm.evaluation`, :mod:`protogmm.diagnostics`).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from protogmm.diagnostics import unique_prototype_curve
+from protogmm.diagnostics.plots import plot_collapse_over_training
+from protogmm.evaluation import knn_accuracy
+from protogmm.evaluation.features import extract_features
+
+#: The ε sweep logged during training (paper Fig. 3a uses 0.025 ... 0.5).
+TRAINING_EPS = (0.025, 0.1, 0.25, 0.5)
+
+
+def eps_key(eps: float) -> str:
+    """Metric name of the unique-prototype percentage at ``eps``."""
+    return f"unique_pct/eps={eps:g}"
+
+
+class KNNMonitor(L.Callback):
+    """k-NN top-1 of the teacher backbone on the held-out split, every epoch.
+
+    Reports DINO's protocol (k=20, T=0.07) as ``knn/top1`` and lightly's (k=200, T=0.1) as
+    ``knn/top1_k200``. At the start of a fresh run it also measures the two baselines every
+    accuracy must stand beside (design.md §9): the untrained encoder (``knn/untrained``)
+    and raw pixels (``knn/pixels``).
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.baselines: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    def _accuracy(self, trainer: L.Trainer, encoder: torch.nn.Module | None) -> dict[str, float]:
+        train_loader, test_loader = trainer.datamodule.knn_dataloaders()
+        device = trainer.lightning_module.device
+        train_x, train_y = extract_features(encoder, train_loader, device)
+        test_x, test_y = extract_features(encoder, test_loader, device)
+        return {
+            "k20": knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07),
+            "k200": knn_accuracy(train_x, train_y, test_x, test_y, k=200, temperature=0.1),
+        }
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.baselines or trainer.global_step > 0:
+            return
+        untrained = self._accuracy(trainer, pl_module.teacher["backbone"])
+        pixels = self._accuracy(trainer, None)
+        self.baselines = {
+            "knn/untrained": untrained["k20"],
+            "knn/untrained_k200": untrained["k200"],
+            "knn/pixels": pixels["k20"],
+            "knn/pixels_k200": pixels["k200"],
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(self.baselines, step=0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        accuracy = self._accuracy(trainer, pl_module.teacher["backbone"])
+        self.history.append(
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "top1": accuracy["k20"],
+                "top1_k200": accuracy["k200"],
+            }
+        )
+        pl_module.log_dict(
+            {"knn/top1": accuracy["k20"], "knn/top1_k200": accuracy["k200"]},
+            on_epoch=True,
+            prog_bar=False,
+        )
+        pl_module.log("knn", accuracy["k20"], prog_bar=True, logger=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baselines": self.baselines, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.baselines = dict(state_dict.get("baselines", {}))
+        self.history = list(state_dict.get("history", []))
+
+
+class CollapseMonitor(L.Callback):
+    """Unique prototypes (Definition 2.1) over an ε sweep, densely early and every epoch.
+
+    Collapse of joint prototypes happens early (paper §4.3), so during the first
+    ``dense_epochs`` epochs the sweep is measured every ``dense_every_n_steps`` steps, and
+    at every epoch end afterwards. Logged as ``unique_pct/eps=...`` (percent of K).
+    """
+
+    def __init__(
+        self,
+        eps_values: tuple[float, ...] = TRAINING_EPS,
+        dense_every_n_steps: int = 10,
+        dense_epochs: int = 1,
+    ) -> None:
+        self.eps_values = tuple(eps_values)
+        self.dense_every_n_steps = dense_every_n_steps
+        self.dense_epochs = dense_epochs
+        self.history: list[dict[str, float]] = []
+
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        prototypes = pl_module.prototype_vectors().cpu()
+        counts = unique_prototype_curve(prototypes, self.eps_values)
+        k = prototypes.shape[0]
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        record.update({eps_key(eps): 100.0 * counts[eps] / k for eps in self.eps_values})
+        if self.history and self.history[-1]["step"] == record["step"]:
+            return
+        self.history.append(record)
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {key: value for key, value in record.items() if key != "step"},
+                step=trainer.global_step,
+            )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._measure(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        if (
+            trainer.current_epoch < self.dense_epochs
+            and trainer.global_step % self.dense_every_n_steps == 0
+        ):
+            self._measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._measure(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class RunReport(L.Callback):
+    """Times epochs and, at the end of fit, writes ``summary.json``, plots and ``report.md``."""
+
+    def __init__(self) -> None:
+        self.epoch_seconds: list[float] = []
+        self._epoch_start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_seconds": self.epoch_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        knn = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), None)
+        collapse = next((c for c in trainer.callbacks if isinstance(c, CollapseMonitor)), None)
+        hp = pl_module.hparams
+        summary: dict[str, Any] = {
+            "prototypes": hp.prototypes,
+            "targets": hp.targets if hp.prototypes == "decoupled" else None,
+            "backbone": hp.backbone,
+            "num_prototypes": hp.num_prototypes,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "seconds_per_epoch": (
+                sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else None
+            ),
+            "peak_memory_mb": peak_memory_mb(pl_module.device),
+        }
+        if knn is not None:
+            summary.update(knn.baselines)
+            if knn.history:
+                summary["knn/top1"] = knn.history[-1]["top1"]
+                summary["knn/top1_k200"] = knn.history[-1]["top1_k200"]
+        if collapse is not None and collapse.history:
+            summary["unique_pct"] = {
+                f"{eps:g}": collapse.history[-1][eps_key(eps)] for eps in collapse.eps_values
+            }
+            plot_collapse_over_training(
+                {hp.prototypes: collapse.history},
+                collapse.eps_values,
+                run_dir / "collapse_over_training.png",
+            )
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "report.md").write_text(render_report(summary, collapse is not None))
+
+
+def render_report(summary: dict[str, Any], has_plot: bool) -> str:
+    """A short Markdown report of one run (what the demo and ``report.md`` show)."""
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    lines = [
+        f"# protogmm run: {summary['prototypes']} prototypes",
+        "",
+        f"- backbone `{summary['backbone']}`, K = {summary['num_prototypes']}, "
+        f"{summary['epochs']} epochs, {summary['steps']} steps",
+        f"- seconds per epoch: {summary['seconds_per_epoch']:.1f}"
+        if summary.get("seconds_per_epoch")
+        else "- seconds per epoch: n/a",
+        f"- peak memory: {summary['peak_memory_mb']:.0f} MB",
+        "",
+        "| k-NN top-1 (k=20, T=0.07) | trained | untrained encoder | raw pixels |",
+        "|---|---|---|---|",
+        f"| held-out split | {pct(summary.get('knn/top1'))} | "
+        f"{pct(summary.get('knn/untrained'))} | {pct(summary.get('knn/pixels'))} |",
+        "",
+    ]
+    if "unique_pct" in summary:
+        eps_values = list(summary["unique_pct"])
+        lines += [
+            "| unique prototypes (Def. 2.1) | " + " | ".join(f"ε={e}" for e in eps_values) + " |",
+            "|---|" + "---|" * len(eps_values),
+            "| % of K at the end | "
+            + " | ".join(f"{summary['unique_pct'][e]:.1f}" for e in eps_values)
+            + " |",
+            "",
+        ]
+    if has_plot:
+        lines += ["![unique prototypes over training](collapse_over_training.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""The `protogmm` command: config errors are one line naming the key; fit and demo run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protogmm.cli import main
+
+TINY_FIT = [
+    "--data.dataset",
+    "synthetic",
+    "--data.synthetic_samples",
+    "64",
+    "--data.synthetic_image_size",
+    "16",
+    "--data.batch_size",
+    "16",
+    "--model.num_prototypes",
+    "32",
+    "--model.hidden_dim",
+    "32",
+    "--model.bottleneck_dim",
+    "16",
+    "--model.backbone_kwargs",
+    "{width: 8}",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "protogmm.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_unknown_key_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    result = run_cli("fit", "--model.num_protoypes", "8", cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "model.num_protoypes" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [
+        (["--model.lr", "-0.1"], "model.lr"),
+        (["--model.num_prototypes", "0"], "model.num_prototypes"),
+        (["--model.backbone", "alexnet"], "model.backbone"),
+        (["--data.local_size", "64"], "local_size"),
+        (["--model.lr", "fast"], "model.lr"),
+    ],
+)
+def test_bad_values_are_one_line_errors_before_training(
+    tmp_path: Path, args: list[str], culprit: str
+) -> None:
+    result = run_cli(
+        "fit", *args, "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert culprit in lines[0]
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_fit_writes_a_run_directory_with_the_resolved_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli("fit", *TINY_FIT, "--trainer.default_root_dir", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "report.md",
+        "summary.json",
+        "checkpoints/last.ckpt",
+    ):
+        assert (run_dir / name).exists(), name
+    assert "num_prototypes: 32" in (run_dir / "config.yaml").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["num_prototypes"] == 32
+
+
+def test_unknown_command_and_help() -> None:
+    assert main(["frobnicate"]) == 2
+    assert main(["--help"]) == 0
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
+    result = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| joint |" in result.stdout and "| decoupled |" in result.stdout
+    assert (tmp_path / "demo" / "collapse_over_training.png").exists()

@@ -1,0 +1,232 @@
+"""The LightningModule end to end on tiny synthetic data (CPU)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.runner import build_trainer
+
+TINY_MODEL = {
+    "backbone": "convnet",
+    "backbone_kwargs": {"width": 8},
+    "num_prototypes": 32,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+    "warmup_epochs": 0.5,
+    "freeze_prototypes_epochs": 0.5,
+    "teacher_temperature_warmup_epochs": 1.0,
+}
+
+
+def tiny_data(**kwargs: object) -> SSLDataModule:
+    args = {
+        "dataset": "synthetic",
+        "batch_size": 16,
+        "num_local_crops": 2,
+        "synthetic_samples": 64,
+        "synthetic_image_size": 16,
+    }
+    return SSLDataModule(**(args | kwargs))
+
+
+def tiny_model(kind: str, **kwargs: object) -> PrototypicalSSL:
+    return PrototypicalSSL(prototypes=kind, in_channels=1, image_size=16, **(TINY_MODEL | kwargs))
+
+
+class CrashAtStep(L.Callback):
+    """Simulates a crash (e.g. a killed job) when the run reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def fit(
+    tmp_path: Path,
+    kind: str,
+    epochs: int = 2,
+    ckpt_path: str | None = None,
+    crash_at_step: int | None = None,
+    **model_kwargs: object,
+) -> tuple[PrototypicalSSL, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model(kind, **model_kwargs)
+    trainer = build_trainer(
+        tmp_path,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        dense_every_n_steps=2,
+        callbacks=[CrashAtStep(crash_at_step)] if crash_at_step is not None else [],
+    )
+    trainer.fit(model, datamodule=tiny_data(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [
+            (int(row["step"]), float(row["train/loss"]))
+            for row in csv.DictReader(handle)
+            if row.get("train/loss")
+        ]
+
+
+@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_trains_and_writes_the_run_directory(tmp_path: Path, kind: str) -> None:
+    model, trainer = fit(tmp_path, kind)
+    assert trainer.global_step == 8  # 64 samples / batch 16 x 2 epochs
+    recorded = losses(tmp_path)
+    assert len(recorded) == 8 and all(math.isfinite(loss) for _, loss in recorded)
+    for name in (
+        "metrics.csv",
+        "summary.json",
+        "report.md",
+        "collapse_over_training.png",
+        "checkpoints/last.ckpt",
+    ):
+        assert (tmp_path / name).exists(), name
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    for column in (
+        "knn/top1",
+        "knn/untrained",
+        "knn/pixels",
+        "unique_pct/eps=0.025",
+        "targets/sample_entropy",
+    ):
+        assert column in header, column
+    assert "best-knn" in " ".join(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+
+def one_step_outside_a_trainer(model: PrototypicalSSL) -> torch.Tensor:
+    """One training step on a synthetic batch, with logging and the trainer's clock stubbed."""
+    data = tiny_data()
+    data.setup("fit")
+    views, labels = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=8)))
+    model._current_schedule = lambda: model.schedule_at(0, 10, 5)
+    model.log_dict = lambda *args, **kwargs: None
+    model.log = lambda *args, **kwargs: None
+    loss = model.training_step((views, labels), 0)
+    loss.backward()
+    return loss
+
+
+def optimised_parameters(model: PrototypicalSSL) -> set[int]:
+    optimizer = model.configure_optimizers()
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_decoupled_gmm_changes_gets_no_gradient_and_is_not_optimised() -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model("decoupled")
+    before = {k: v.clone() for k, v in model.gmm.state_dict().items()}
+    one_step_outside_a_trainer(model)
+    assert not torch.equal(model.gmm.mean, before["mean"])
+    assert model.gmm.step == 1
+    assert list(model.gmm.parameters()) == []
+    assert all(not b.requires_grad and b.grad is None for b in model.gmm.buffers())
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None for p in model.student["backbone"].parameters())
+    assert not any(id(p) in optimised_parameters(model) for p in model.teacher.parameters())
+
+
+def test_joint_prototypes_get_gradients_and_teacher_none() -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model("joint")
+    one_step_outside_a_trainer(model)
+    assert model.student["prototypes"].weight.grad is not None
+    assert model.student["prototypes"].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert id(model.student["prototypes"].weight) in optimised_parameters(model)
+
+
+def test_schedules_hit_their_endpoints() -> None:
+    model = tiny_model(
+        "decoupled",
+        lr=0.01,
+        min_lr=1e-4,
+        warmup_epochs=2.0,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        teacher_momentum=0.99,
+        warmup_teacher_temperature=0.04,
+        teacher_temperature=0.07,
+        teacher_temperature_warmup_epochs=3.0,
+        freeze_prototypes_epochs=1.0,
+    )
+    total, per_epoch = 100, 10
+    start = model.schedule_at(0, total, per_epoch)
+    peak = model.schedule_at(20, total, per_epoch)
+    end = model.schedule_at(total, total, per_epoch)
+    assert start["lr"] == 0.0 and peak["lr"] == pytest.approx(0.01)
+    assert end["lr"] == pytest.approx(1e-4)
+    assert model.schedule_at(10, total, per_epoch)["lr"] == pytest.approx(0.005)
+    assert start["weight_decay"] == pytest.approx(0.04)
+    assert end["weight_decay"] == pytest.approx(0.4)
+    assert start["teacher_momentum"] == pytest.approx(0.99)
+    assert end["teacher_momentum"] == pytest.approx(1.0)
+    assert start["teacher_temperature"] == pytest.approx(0.04)
+    assert model.schedule_at(30, total, per_epoch)["teacher_temperature"] == pytest.approx(0.07)
+    assert model.schedule_at(9, total, per_epoch)["freeze_prototypes"] == 1.0
+    assert model.schedule_at(10, total, per_epoch)["freeze_prototypes"] == 0.0
+
+
+def test_gmm_annealing_spans_its_fraction_of_training(tmp_path: Path) -> None:
+    model, trainer = fit(tmp_path, "decoupled", epochs=2, gmm_anneal_fraction=0.5)
+    assert model.gmm.anneal_steps == 4
+    assert model.gmm.beta == 1.0
+
+
+@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, kind: str) -> None:
+    full_model, _ = fit(tmp_path / "full", kind, epochs=3)
+    # The same run crashes mid-way through its second epoch; last.ckpt is from epoch 1's end.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "first", kind, epochs=3, crash_at_step=6)
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
+    resumed_model, _ = fit(tmp_path / "resumed", kind, epochs=3, ckpt_path=str(checkpoint))
+    full_losses = dict(losses(tmp_path / "full"))
+    resumed_losses = dict(losses(tmp_path / "resumed"))
+    assert sorted(resumed_losses) == [s for s in sorted(full_losses) if s >= 4]
+    for step, loss in resumed_losses.items():
+        assert loss == pytest.approx(full_losses[step], abs=1e-6), step
+    for (name, a), b in zip(
+        full_model.state_dict().items(), resumed_model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "culprit"),
+    [
+        ({"lr": -1.0}, "model.lr"),
+        ({"num_prototypes": 0}, "model.num_prototypes"),
+        ({"backbone": "alexnet"}, "model.backbone"),
+        ({"prototypes": "both"}, "model.prototypes"),
+        ({"gmm": {"eta": 2.0}}, "model.gmm"),
+        ({"gmm": {"etaa": 0.5}}, "model.gmm"),
+    ],
+)
+def test_bad_model_config_names_the_key(kwargs: dict, culprit: str) -> None:
+    with pytest.raises(ValueError, match=culprit.replace(".", r"\.")):
+        tiny_model(kwargs.pop("prototypes", "decoupled"), **kwargs)
+
+
+def test_crops_larger_than_the_image_are_rejected() -> None:
+    with pytest.raises(ValueError, match="local_size"):
+        tiny_data(local_size=40)
