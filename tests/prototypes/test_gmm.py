@@ -386,3 +386,41 @@ def test_chunked_e_step_equals_unchunked() -> None:
         chunked = OnlineGMM(300, 16, covariance=covariance, chunk_size=7)
         torch.testing.assert_close(whole.update(h), chunked.update(h))
         torch.testing.assert_close(whole.log_joint(h), chunked.log_joint(h))
+
+
+# --------------------------------------------------------------------------- centring
+def cap_stream(generator: torch.Generator, n: int = 256) -> torch.Tensor:
+    """8 clusters inside a small cap around e_0 (mean pairwise cosine ~0.98)."""
+    directions = F.normalize(torch.randn(8, 32, generator=generator), dim=1)
+    labels = torch.randint(0, 8, (n,), generator=generator)
+    x = 0.15 * directions[labels] + 0.01 * torch.randn(n, 32, generator=generator)
+    x[:, 0] += 1.0
+    return F.normalize(x, dim=1)
+
+
+def test_centred_mixture_spreads_prototypes_of_a_cap() -> None:
+    from protogmm.diagnostics import unique_prototypes
+
+    results = {}
+    for center_momentum in (None, 0.9):
+        g = torch.Generator().manual_seed(0)
+        gmm = OnlineGMM(8, 32, center_momentum=center_momentum, anneal_steps=10, seed=0)
+        for _ in range(30):
+            gmm.update(cap_stream(g))
+        results[center_momentum] = unique_prototypes(gmm.prototypes(), eps=0.1)
+        if center_momentum is not None:
+            # the running centre is the stream's mean direction
+            assert float(F.cosine_similarity(gmm.embedding_center, torch.eye(32)[0], dim=0)) > 0.9
+    assert results[None] == 1  # all 8 prototypes within cosine 0.9 of each other
+    assert results[0.9] == 8
+
+
+def test_centred_forward_scores_centred_embeddings() -> None:
+    gmm = OnlineGMM(4, 6, center_momentum=0.5)
+    h = F.normalize(torch.randn(20, 6) + torch.tensor([3.0, 0, 0, 0, 0, 0]), dim=1)
+    gmm.update(h)
+    z = torch.randn(3, 6)
+    centred = F.normalize(F.normalize(z, dim=1) - gmm.embedding_center, dim=1)
+    torch.testing.assert_close(gmm(z), centred @ gmm.prototypes().T)
+    with pytest.raises(ValueError, match="center_momentum"):
+        OnlineGMM(4, 6, center_momentum=1.0)

@@ -230,3 +230,19 @@ def test_bad_model_config_names_the_key(kwargs: dict, culprit: str) -> None:
 def test_crops_larger_than_the_image_are_rejected() -> None:
     with pytest.raises(ValueError, match="local_size"):
         tiny_data(local_size=40)
+
+
+def test_posterior_targets_are_tempered_and_optionally_balanced() -> None:
+    posterior = torch.softmax(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 4,
+                              dim=1)
+    posterior[:, 0] += 5.0
+    posterior = posterior / posterior.sum(1, keepdim=True)  # every sample prefers component 0
+    plain = tiny_model("decoupled", targets="posterior")
+    torch.testing.assert_close(plain.posterior_targets(posterior), posterior)
+    soft = tiny_model("decoupled", targets="posterior", posterior_temperature=2.0)
+    expected = torch.softmax(posterior.log() / 2.0, dim=1)
+    torch.testing.assert_close(soft.posterior_targets(posterior), expected)
+    balanced = tiny_model("decoupled", targets="posterior", target_balancing="sinkhorn")
+    targets = balanced.posterior_targets(posterior)
+    torch.testing.assert_close(targets.sum(1), torch.ones(64), atol=1e-5, rtol=0)
+    assert float(targets.sum(0).max()) < 0.5 * float(posterior.sum(0).max())

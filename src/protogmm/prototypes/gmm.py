@@ -103,6 +103,13 @@ class OnlineGMM(PrototypeSet):
             moved onto the worst-explained embeddings of the current batch.
         reseed_min_mass: the responsibility mass under which a step counts as idle.
         chunk_size: components per chunk of the E-step and statistics products.
+        center_momentum: if set, the mixture lives on *centred* embeddings: a running mean
+            ``m`` of the (unit) embeddings is kept (EMA with this momentum) and every input,
+            in :meth:`update` and in :meth:`forward`, is mapped to ``(h - m) / ||h - m||``.
+            Early in training the teacher's embeddings sit in a small cap of the sphere;
+            means fitted there are near-duplicates, while the centred embeddings spread
+            over the whole sphere (DINO's logit centring is the same subtraction seen from
+            the scores: ``<h, c> - <m, c> = <h - m, c>``). None: no centring.
         seed: seed of the generator used for initialisation and re-seeding (independent of
             the global RNG, so fitting the mixture does not perturb training's random stream).
     """
@@ -129,6 +136,7 @@ class OnlineGMM(PrototypeSet):
         reseed_after: int | None = None,
         reseed_min_mass: float = 1e-3,
         chunk_size: int = 4096,
+        center_momentum: float | None = None,
         seed: int = 0,
     ) -> None:
         check_positive_int("num_prototypes", num_prototypes)
@@ -153,6 +161,9 @@ class OnlineGMM(PrototypeSet):
         self.reseed_after = reseed_after
         self.reseed_min_mass = check_in_range("reseed_min_mass", reseed_min_mass, 0.0, math.inf)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        if center_momentum is not None:
+            check_in_range("center_momentum", center_momentum, 0.0, 1.0, high_inclusive=False)
+        self.center_momentum = center_momentum
         self.seed = seed
 
         k, d = num_prototypes, dim
@@ -171,6 +182,7 @@ class OnlineGMM(PrototypeSet):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("init_buffer", torch.zeros(init_samples, d))
         self.register_buffer("init_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("embedding_center", torch.zeros(d))
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -213,7 +225,10 @@ class OnlineGMM(PrototypeSet):
         """
         check_matrix("z", z, cols=self.dim, finite=False)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return F.normalize(z.float(), dim=1) @ self.prototypes().T
+            z = F.normalize(z.float(), dim=1)
+            if self.center_momentum is not None:
+                z = F.normalize(z - self.embedding_center, dim=1)
+            return z @ self.prototypes().T
 
     @torch.no_grad()
     def log_joint(self, h: Tensor) -> Tensor:
@@ -246,7 +261,7 @@ class OnlineGMM(PrototypeSet):
             call. Hosts with ``targets="posterior"`` use them as teacher targets, so the
             E-step is never computed twice.
         """
-        h = self._check_embeddings(h)
+        h = self._check_embeddings(h, update_center=True)
         if not bool(self.initialized):
             if not self._collect_for_init(h):
                 self.num_steps += 1
@@ -263,9 +278,24 @@ class OnlineGMM(PrototypeSet):
         return gamma
 
     # ------------------------------------------------------------------ internals
-    def _check_embeddings(self, h: Tensor) -> Tensor:
+    def _check_embeddings(self, h: Tensor, update_center: bool = False) -> Tensor:
+        """Validate ``h``, project it to the sphere and, if enabled, centre it."""
         check_matrix("h", h, cols=self.dim)
-        return project_to_sphere(h.to(self.mean.device)).to(self.mean.dtype)
+        h = project_to_sphere(h.to(self.mean.device)).to(self.mean.dtype)
+        if self.center_momentum is None:
+            return h
+        if update_center:
+            batch_mean = h.mean(dim=0)
+            if _distributed_world_size() > 1:
+                dist.all_reduce(batch_mean)
+                batch_mean /= _distributed_world_size()
+            if self.step == 0:  # start from the first batch's mean, not from the origin
+                self.embedding_center.copy_(batch_mean)
+            else:
+                self.embedding_center.mul_(self.center_momentum).add_(
+                    batch_mean, alpha=1.0 - self.center_momentum
+                )
+        return project_to_sphere(h - self.embedding_center)
 
     def _mean_sq(self, mean: Tensor) -> Tensor:
         """``mu^2`` per dimension (diagonal) or ``||mu||^2 / d`` per component (isotropic)."""

@@ -115,6 +115,8 @@ class CollapseMonitor(L.Callback):
         self.history: list[dict[str, float]] = []
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not pl_module.prototypes_fitted():
+            return  # a mixture not yet fitted holds random placeholder means
         prototypes = pl_module.prototype_vectors().cpu()
         counts = unique_prototype_curve(prototypes, self.eps_values)
         k = prototypes.shape[0]

@@ -21,9 +21,9 @@ from protogmm.training.callbacks import CollapseMonitor, KNNMonitor, RunReport
 def run_callbacks(dense_every_n_steps: int = 10) -> list[L.Callback]:
     """Monitors, report and checkpoints of every run (checkpoints go to ``run/checkpoints``)."""
     return [
+        RunReport(),  # first: its epoch timer stops before the monitors' evaluation work
         KNNMonitor(),
         CollapseMonitor(dense_every_n_steps=dense_every_n_steps),
-        RunReport(),
         ModelCheckpoint(
             save_last=True,
             monitor="knn/top1",
