@@ -25,14 +25,18 @@ def main() -> None:
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     prototypes = torch.randn(args.k, args.dim, generator=generator)
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
     print("| call | K | d | seconds (best of repeats) | result |")
     print("|---|---|---|---|---|")
     for label, fn in (
         ("unique_prototypes(eps=0.025)", lambda: unique_prototypes(prototypes, 0.025)),
-        (f"unique_prototype_curve({len(DEFAULT_EPS)} eps)",
-         lambda: unique_prototype_curve(prototypes, DEFAULT_EPS)),
+        (
+            f"unique_prototype_curve({len(DEFAULT_EPS)} eps)",
+            lambda: unique_prototype_curve(prototypes, DEFAULT_EPS),
+        ),
     ):
         best, result = float("inf"), None
         for _ in range(args.repeats):

@@ -103,3 +103,28 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| joint |" in result.stdout and "| decoupled |" in result.stdout
     assert (tmp_path / "demo" / "collapse_over_training.png").exists()
+
+
+def test_fit_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = run_cli("fit", *TINY_FIT, "--trainer.default_root_dir", str(run_dir), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # Checkpoints load with weights_only=True: only tensors and plain containers inside.
+    import torch
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 0
+    args = list(TINY_FIT)
+    args[args.index("--trainer.max_epochs") + 1] = "2"
+    resumed = run_cli(
+        "fit",
+        *args,
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--ckpt_path",
+        str(run_dir / "checkpoints" / "last.ckpt"),
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 8

@@ -233,8 +233,9 @@ def test_crops_larger_than_the_image_are_rejected() -> None:
 
 
 def test_posterior_targets_are_tempered_and_optionally_balanced() -> None:
-    posterior = torch.softmax(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 4,
-                              dim=1)
+    posterior = torch.softmax(
+        torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 4, dim=1
+    )
     posterior[:, 0] += 5.0
     posterior = posterior / posterior.sum(1, keepdim=True)  # every sample prefers component 0
     plain = tiny_model("decoupled", targets="posterior")
