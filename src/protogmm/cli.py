@@ -4,12 +4,20 @@
     Pretrain with LightningCLI (YAML configs, dotted overrides, ``--ckpt_path`` to resume).
 ``protogmm demo [--quick]``
     Joint vs decoupled DINO side by side on the embedded data: one table and one plot.
+``protogmm diagnose CKPT [--eps ...] [--out DIR] [--data NAME]``
+    Unique prototypes (Definition 2.1) over an ε sweep, usage, geometry plots; also for
+    DINO / iBOT / DINOv2 checkpoints.
+``protogmm eval knn|linear CKPT --data NAME``
+    Frozen-encoder k-NN or linear probe, beside the untrained encoder and raw pixels.
+``protogmm compare RUN_DIR...``
+    One table and overlaid collapse-over-training plots across runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import io
 import json
 import logging
@@ -21,13 +29,30 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
 
+from protogmm.diagnostics import (
+    DEFAULT_EPS,
+    UsageAccumulator,
+    angle_flatness,
+    describe_prototypes,
+    load_prototypes,
+    plot_prototype_geometry,
+    plot_unique_vs_eps,
+    prototype_angles,
+    unique_prototype_curve,
+)
 from protogmm.diagnostics.plots import plot_collapse_over_training
-from protogmm.training.callbacks import TRAINING_EPS
+from protogmm.evaluation import knn_accuracy, linear_probe
+from protogmm.evaluation.features import extract_features
+from protogmm.training.callbacks import TRAINING_EPS, write_text_atomically
+from protogmm.training.checkpoints import load_module
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.runner import build_trainer, run_callbacks
+
+DATASETS = ("mnist5k", "synthetic")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -151,7 +176,7 @@ def run_demo(argv: list[str]) -> int:
         histories[kind] = collapse.history
     plot = plot_collapse_over_training(histories, TRAINING_EPS, out / "collapse_over_training.png")
     table = demo_table(summaries)
-    (out / "demo.md").write_text(table + f"\n![collapse]({plot.name})\n")
+    write_text_atomically(out / "demo.md", table + f"\n![collapse]({plot.name})\n")
     print("\n" + table)
     print(f"plot: {plot}\nruns: {out / 'joint'}, {out / 'decoupled'}")
     return 0
@@ -189,7 +214,174 @@ def demo_table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"fit": run_fit, "demo": run_demo}
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (what the commands print and write)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_diagnose(argv: list[str]) -> int:
+    """``protogmm diagnose CKPT``: unique prototypes over an ε sweep, usage, geometry plots.
+
+    Reads protogmm's checkpoints and other projects' (DINO, iBOT, DINOv2 heads), weights
+    only. With ``--data`` (protogmm checkpoints only) it also measures prototype usage of
+    the teacher's embeddings over the held-out split.
+    """
+    parser = argparse.ArgumentParser(prog="protogmm diagnose", description=run_diagnose.__doc__)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS))
+    parser.add_argument("--key", default=None, help="one prototype layer (default: all)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="plot folder (default: <checkpoint stem>-diagnose next to it)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=DATASETS,
+        default=None,
+        help="measure usage on this dataset's held-out split",
+    )
+    args = parser.parse_args(argv)
+    found = load_prototypes(args.checkpoint, key=args.key)
+    print(describe_prototypes(found))
+    curves = {name: unique_prototype_curve(matrix, args.eps) for name, matrix in found.items()}
+    header = ["prototypes", "K"] + [f"unique ε={eps:g}" for eps in args.eps] + ["angle TV"]
+    rows = []
+    for name, matrix in found.items():
+        k = matrix.shape[0]
+        flatness = angle_flatness(prototype_angles(matrix)) if k >= 3 else float("nan")
+        rows.append(
+            [name, str(k)]
+            + [f"{curves[name][e]} ({100 * curves[name][e] / k:.1f}%)" for e in args.eps]
+            + [f"{flatness:.2f}"]
+        )
+    print(markdown_table(header, rows))
+    if args.data is not None:
+        print(usage_table(load_module(args.checkpoint), args.data))
+    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-diagnose")
+    sizes = {name: m.shape[0] for name, m in found.items()}
+    plot_unique_vs_eps(curves, sizes, out / "unique_vs_eps.png")
+    plot_prototype_geometry(
+        {n: m for n, m in found.items() if m.shape[0] >= 3}, out / "prototype_geometry.png"
+    )
+    print(f"plots: {out / 'unique_vs_eps.png'}, {out / 'prototype_geometry.png'}")
+    return 0
+
+
+def usage_table(module: PrototypicalSSL, dataset: str) -> str:
+    """Prototype usage of the teacher's embeddings on ``dataset``'s held-out split."""
+    data = SSLDataModule(dataset=dataset)
+    _, test_loader = data.knn_dataloaders()
+    accumulator = UsageAccumulator(module.hparams.num_prototypes)
+    tau = module.hparams.teacher_temperature
+    with torch.no_grad():
+        for images, _ in test_loader:
+            embeddings = module.embed(module.teacher, [images])
+            if module.gmm is not None:
+                probs = module.gmm.responsibilities(embeddings)
+            else:
+                probs = torch.softmax(module.teacher_prototypes(embeddings) / tau, dim=1)
+            accumulator.update(probs)
+    usage = accumulator.compute()
+    return markdown_table(
+        ["usage on " + dataset, "ever chosen", "effective number exp(H)", "mean sample H"],
+        [
+            [
+                "held-out split",
+                f"{usage['ever_chosen']:.0f} / {usage['num_prototypes']:.0f}",
+                f"{usage['effective_number']:.1f}",
+                f"{usage['mean_sample_entropy']:.2f}",
+            ]
+        ],
+    )
+
+
+def run_eval(argv: list[str]) -> int:
+    """``protogmm eval knn|linear CKPT --data NAME``: frozen teacher-backbone evaluation.
+
+    Prints the trained encoder beside the untrained one (same architecture, seed-0 init) and
+    raw pixels, measured the same way.
+    """
+    parser = argparse.ArgumentParser(prog="protogmm eval", description=run_eval.__doc__)
+    parser.add_argument("protocol", choices=("knn", "linear"))
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", choices=DATASETS, default="mnist5k")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    args = parser.parse_args(argv)
+    trained = load_module(args.checkpoint)
+    untrained = load_module(args.checkpoint, trained=False)
+    train_loader, test_loader = SSLDataModule(dataset=args.data).knn_dataloaders()
+    rows = []
+    for label, encoder in (
+        ("trained", trained.teacher["backbone"]),
+        ("untrained encoder", untrained.teacher["backbone"]),
+        ("raw pixels", None),
+    ):
+        train_x, train_y = extract_features(encoder, train_loader)
+        test_x, test_y = extract_features(encoder, test_loader)
+        if args.protocol == "knn":
+            accuracy = knn_accuracy(
+                train_x, train_y, test_x, test_y, k=args.k, temperature=args.temperature
+            )
+        else:
+            accuracy = linear_probe(train_x, train_y, test_x, test_y, epochs=args.epochs)
+        rows.append([label, f"{100 * accuracy:.1f}"])
+    protocol = (
+        f"k-NN (k={args.k}, T={args.temperature:g})"
+        if args.protocol == "knn"
+        else f"linear probe ({args.epochs} epochs)"
+    )
+    print(markdown_table([f"{protocol} on {args.data}", "top-1 %"], rows))
+    return 0
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """A run directory's ``summary.json`` and its unique-prototype history from metrics.csv."""
+    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.csv"
+    if not run_dir.is_dir() or not summary_path.is_file() or not metrics_path.is_file():
+        raise ValueError(
+            f"{run_dir}: not a protogmm run directory (needs summary.json and metrics.csv)"
+        )
+    history = []
+    with open(metrics_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            values = {k: float(v) for k, v in row.items() if k.startswith("unique_pct/") and v}
+            if values:
+                history.append({"step": float(row["step"]), **values})
+    return json.loads(summary_path.read_text()), history
+
+
+def run_compare(argv: list[str]) -> int:
+    """``protogmm compare RUN_DIR...``: one table and overlaid collapse plots across runs."""
+    parser = argparse.ArgumentParser(prog="protogmm compare", description=run_compare.__doc__)
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("compare"))
+    args = parser.parse_args(argv)
+    summaries, histories = {}, {}
+    for run_dir in args.runs:
+        label = run_dir.name if run_dir.name not in summaries else str(run_dir)
+        summaries[label], histories[label] = read_run(run_dir)
+    table = demo_table(summaries)
+    plot = plot_collapse_over_training(
+        histories, TRAINING_EPS, args.out / "collapse_over_training.png"
+    )
+    print(table)
+    print(f"plot: {plot}")
+    return 0
+
+
+COMMANDS = {
+    "fit": run_fit,
+    "demo": run_demo,
+    "diagnose": run_diagnose,
+    "eval": run_eval,
+    "compare": run_compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = sys.argv[:1]  # the sub-command parsers get argv explicitly
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         # Bad configuration values (the bricks' one-line ValueErrors name the key and value),
         # before any training starts. PROTOGMM_DEBUG=1 shows the traceback.
         if os.environ.get("PROTOGMM_DEBUG"):

@@ -7,6 +7,7 @@ Each callback only orchestrates: the science lives in the pure-PyTorch bricks
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -16,7 +17,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from protogmm.diagnostics import unique_prototype_curve
+from protogmm.diagnostics import (
+    DEFAULT_EPS,
+    angle_flatness,
+    plot_prototype_geometry,
+    plot_unique_vs_eps,
+    prototype_angles,
+    unique_prototype_curve,
+)
 from protogmm.diagnostics.plots import plot_collapse_over_training
 from protogmm.evaluation import knn_accuracy
 from protogmm.evaluation.features import extract_features
@@ -206,6 +214,7 @@ class RunReport(L.Callback):
             if knn.history:
                 summary["knn/top1"] = knn.history[-1]["top1"]
                 summary["knn/top1_k200"] = knn.history[-1]["top1_k200"]
+        plots = []
         if collapse is not None and collapse.history:
             summary["unique_pct"] = {
                 f"{eps:g}": collapse.history[-1][eps_key(eps)] for eps in collapse.eps_values
@@ -215,11 +224,32 @@ class RunReport(L.Callback):
                 collapse.eps_values,
                 run_dir / "collapse_over_training.png",
             )
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        (run_dir / "report.md").write_text(render_report(summary, collapse is not None))
+            plots.append(("unique prototypes over training", "collapse_over_training.png"))
+        if pl_module.prototypes_fitted():
+            prototypes = pl_module.prototype_vectors().cpu()
+            label = f"{hp.prototypes} (final)"
+            curve = unique_prototype_curve(prototypes, DEFAULT_EPS)
+            summary["angle_flatness"] = angle_flatness(prototype_angles(prototypes))
+            plot_unique_vs_eps(
+                {label: curve}, {label: hp.num_prototypes}, run_dir / "unique_vs_eps.png"
+            )
+            plot_prototype_geometry({label: prototypes}, run_dir / "prototype_geometry.png")
+            plots += [
+                ("unique prototypes against ε", "unique_vs_eps.png"),
+                ("prototype geometry", "prototype_geometry.png"),
+            ]
+        write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomically(run_dir / "report.md", render_report(summary, plots))
 
 
-def render_report(summary: dict[str, Any], has_plot: bool) -> str:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: never half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def render_report(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
     """A short Markdown report of one run (what the demo and ``report.md`` show)."""
 
     def pct(value: float | None) -> str:
@@ -251,6 +281,13 @@ def render_report(summary: dict[str, Any], has_plot: bool) -> str:
             + " |",
             "",
         ]
-    if has_plot:
-        lines += ["![unique prototypes over training](collapse_over_training.png)", ""]
+    if "angle_flatness" in summary:
+        lines += [
+            f"Angle density of the PCA-2 projection: total variation to uniform "
+            f"{summary['angle_flatness']:.2f} (0 = flat, as the paper's decoupled "
+            "prototypes; near 1 = all at one angle).",
+            "",
+        ]
+    for title, filename in plots:
+        lines += [f"![{title}]({filename})", ""]
     return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""`protogmm diagnose`, `eval` and `compare` on real (tiny) runs and foreign checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from protogmm.cli import main
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.runner import build_trainer
+
+TINY = {
+    "backbone_kwargs": {"width": 8},
+    "num_prototypes": 32,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny joint run and one tiny decoupled run on synthetic 16 px images."""
+    root = tmp_path_factory.mktemp("runs")
+    for kind in ("joint", "decoupled"):
+        L.seed_everything(0, verbose=False)
+        data = SSLDataModule(
+            dataset="synthetic",
+            batch_size=16,
+            num_local_crops=0,
+            synthetic_samples=64,
+            synthetic_image_size=16,
+        )
+        model = PrototypicalSSL(prototypes=kind, in_channels=1, image_size=16, **TINY)
+        trainer = build_trainer(
+            root / kind,
+            max_epochs=1,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, datamodule=data)
+    return {"joint": root / "joint", "decoupled": root / "decoupled"}
+
+
+def test_run_report_embeds_the_plots(runs: dict[str, Path]) -> None:
+    report = (runs["decoupled"] / "report.md").read_text()
+    for name in ("collapse_over_training.png", "unique_vs_eps.png", "prototype_geometry.png"):
+        assert f"]({name})" in report and (runs["decoupled"] / name).stat().st_size > 5000
+
+
+@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_diagnose_own_checkpoint(
+    runs: dict[str, Path], kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = runs[kind] / "checkpoints" / "last.ckpt"
+    assert (
+        main(
+            [
+                "diagnose",
+                str(checkpoint),
+                "--eps",
+                "0.025",
+                "0.5",
+                "--out",
+                str(tmp_path),
+                "--data",
+                "synthetic",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "unique ε=0.025" in out and "ever chosen" in out
+    assert (tmp_path / "unique_vs_eps.png").exists()
+    assert (tmp_path / "prototype_geometry.png").exists()
+
+
+def test_diagnose_a_dino_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    v = torch.randn(64, 16)
+    v[32:] = v[0] + 1e-4 * torch.randn(32, 16)  # half the prototypes collapsed onto one
+    path = tmp_path / "dino.pth"
+    torch.save(
+        {"teacher": {"head.last_layer.weight_g": torch.ones(64, 1), "head.last_layer.weight_v": v}},
+        path,
+    )
+    assert main(["diagnose", str(path), "--eps", "0.025", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "32 (50.0%)" in out  # rows 0..31 distinct; row 0 absorbs its copies 32..63
+
+
+def test_eval_knn_prints_baselines(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = runs["joint"] / "checkpoints" / "last.ckpt"
+    assert main(["eval", "knn", str(checkpoint), "--data", "synthetic"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| trained |", "| untrained encoder |", "| raw pixels |"):
+        assert row in out
+
+
+def test_compare_two_runs(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["compare", str(runs["joint"]), str(runs["decoupled"]), "--out", str(tmp_path)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "| joint |" in out and "| decoupled |" in out
+    assert (tmp_path / "collapse_over_training.png").exists()
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diagnose", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "not a protogmm run directory" in capsys.readouterr().err
+    nan = torch.randn(8, 4)
+    nan[3] = float("nan")
+    torch.save({"head.last_layer.weight": nan}, tmp_path / "nan.pth")
+    assert main(["diagnose", str(tmp_path / "nan.pth"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "row 3" in err
+    assert not (tmp_path / "o").exists()  # nothing written half-way
