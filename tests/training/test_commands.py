@@ -92,11 +92,13 @@ def test_diagnose_a_dino_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "32 (50.0%)" in out  # rows 0..31 distinct; row 0 absorbs its copies 32..63
 
 
-def test_eval_knn_prints_baselines(
-    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("protocol", ["knn", "linear"])
+def test_eval_prints_baselines(
+    runs: dict[str, Path], protocol: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     checkpoint = runs["joint"] / "checkpoints" / "last.ckpt"
-    assert main(["eval", "knn", str(checkpoint), "--data", "synthetic"]) == 0
+    args = ["eval", protocol, str(checkpoint), "--data", "synthetic", "--epochs", "20"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     for row in ("| trained |", "| untrained encoder |", "| raw pixels |"):
         assert row in out
