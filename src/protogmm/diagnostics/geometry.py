@@ -186,7 +186,8 @@ def plot_prototype_geometry(
     """
     sets = _check_sets(prototype_sets)
     bins = check_positive_int("bins", bins)
-    fig = Figure(figsize=(3.1 * len(sets), 6.0))
+    # At least ~5 inches wide so the title fits above a single set.
+    fig = Figure(figsize=(max(3.1 * len(sets), 5.2), 6.0))
     axes = fig.subplots(2, len(sets), squeeze=False, height_ratios=[1.25, 1.0])
     for column, (name, prototypes) in enumerate(sets.items()):
         try:
@@ -197,7 +198,8 @@ def plot_prototype_geometry(
         title = f"{name} (K={prototypes.shape[0]})"
         _draw_projection(axes[0][column], projected.numpy(), title)
         _draw_angle_density(axes[1][column], angles, bins)
-    fig.suptitle("Prototype geometry: PCA-2 of the normalised prototypes (paper Fig. 1)")
+    title = "Prototype geometry: PCA-2 of the normalised prototypes (paper Fig. 1)"
+    fig.suptitle(title if len(sets) > 1 else title.replace(": ", ":\n", 1))
     fig.tight_layout()
     return _save_atomically(fig, path)
 
