@@ -183,35 +183,26 @@ def run_demo(argv: list[str]) -> int:
 
 
 def demo_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """One Markdown table comparing the demo's runs."""
+    """One Markdown table comparing runs (the demo's, or ``compare``'s), with the baselines."""
     eps_values = [f"{eps:g}" for eps in TRAINING_EPS]
-    header = (
-        "| prototypes | k-NN top-1 | unique % "
-        + " | ".join(f"ε={e}" for e in eps_values)
-        + " | s/epoch | peak MB |"
-    )
-    lines = [header, "|---" * (5 + len(eps_values) - 1) + "|"]
 
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}"
 
-    for kind, summary in summaries.items():
+    rows = []
+    for label, summary in summaries.items():
         unique = summary.get("unique_pct", {})
-        lines.append(
-            f"| {kind} | {pct(summary.get('knn/top1'))} | "
-            + " | ".join(f"{unique.get(e, float('nan')):.1f}" for e in eps_values)
-            + f" | {summary.get('seconds_per_epoch') or 0:.1f} | {summary['peak_memory_mb']:.0f} |"
+        rows.append(
+            [label, pct(summary.get("knn/top1"))]
+            + [f"{unique[e]:.1f}" if e in unique else "n/a" for e in eps_values]
+            + [f"{summary.get('seconds_per_epoch') or 0:.1f}", f"{summary['peak_memory_mb']:.0f}"]
         )
-    any_summary = next(iter(summaries.values()))
-    lines.append(
-        f"| untrained encoder | {pct(any_summary.get('knn/untrained'))} |"
-        + " |" * len(eps_values)
-        + " | |"
-    )
-    lines.append(
-        f"| raw pixels | {pct(any_summary.get('knn/pixels'))} |" + " |" * len(eps_values) + " | |"
-    )
-    return "\n".join(lines)
+    first = next(iter(summaries.values()))
+    blanks = [""] * (len(eps_values) + 2)
+    rows.append(["untrained encoder", pct(first.get("knn/untrained")), *blanks])
+    rows.append(["raw pixels", pct(first.get("knn/pixels")), *blanks])
+    header = ["prototypes", "k-NN top-1"] + [f"unique % ε={e}" for e in eps_values]
+    return markdown_table(header + ["s/epoch", "peak MB"], rows)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
