@@ -361,8 +361,18 @@ def run_compare(argv: list[str]) -> int:
     plot = plot_collapse_over_training(
         histories, TRAINING_EPS, args.out / "collapse_over_training.png"
     )
+    # The final ε sweep of every run on one axis (paper Fig. 3a).
+    sizes = {label: summary["num_prototypes"] for label, summary in summaries.items()}
+    curves = {
+        label: {float(e): round(p * sizes[label] / 100) for e, p in s["unique_pct"].items()}
+        for label, s in summaries.items()
+        if s.get("unique_pct")
+    }
+    plots = [plot]
+    if curves:
+        plots.append(plot_unique_vs_eps(curves, sizes, args.out / "unique_vs_eps.png"))
     print(table)
-    print(f"plot: {plot}")
+    print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
 

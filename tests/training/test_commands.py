@@ -113,6 +113,7 @@ def test_compare_two_runs(
     out = capsys.readouterr().out
     assert "| joint |" in out and "| decoupled |" in out
     assert (tmp_path / "collapse_over_training.png").exists()
+    assert (tmp_path / "unique_vs_eps.png").exists()
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
