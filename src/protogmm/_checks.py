@@ -81,3 +81,31 @@ def check_matrix(
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"{name} has a non-finite value (NaN or Inf) in row {row}")
     return x
+
+
+def check_labels(name: str, labels: object, num_rows: int, features_name: str) -> Tensor:
+    """Check that ``labels`` is a 1-D integer tensor with one entry per row of the features."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must have shape [N], got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape[0] != num_rows:
+        raise ValueError(
+            f"{name} must have one label per row of {features_name} ({num_rows}), got shape "
+            f"{tuple(labels.shape)}"
+        )
+    return labels
+
+
+def check_train_test_features(train_features: object, test_features: object) -> None:
+    """Check two finite ``[N, D]`` feature matrices with the same ``D`` (k-NN, linear probe)."""
+    check_matrix("train_features", train_features, min_rows=1, finite=True)
+    check_matrix("test_features", test_features, min_rows=1, finite=True)
+    if test_features.shape[1] != train_features.shape[1]:
+        raise ValueError(
+            f"test_features must have the same feature dimension as train_features, got "
+            f"test_features shape {tuple(test_features.shape)} and train_features shape "
+            f"{tuple(train_features.shape)}"
+        )

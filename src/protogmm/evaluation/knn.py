@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from protogmm._checks import check_in_range, check_matrix, check_positive_int
+from protogmm._checks import (
+    check_in_range,
+    check_labels,
+    check_matrix,
+    check_positive_int,
+    check_train_test_features,
+)
 
 __all__ = ["knn_accuracy", "knn_classify"]
 
@@ -69,15 +75,8 @@ def knn_classify(
             fall outside ``[0, num_classes)``, ``k < 1``, ``temperature <= 0`` or
             ``chunk_size < 1``.
     """
-    check_matrix("train_features", train_features, min_rows=1, finite=True)
-    check_matrix("test_features", test_features, min_rows=1, finite=True)
-    if test_features.shape[1] != train_features.shape[1]:
-        raise ValueError(
-            f"test_features must have the same feature dimension as train_features, got "
-            f"test_features shape {tuple(test_features.shape)} and train_features shape "
-            f"{tuple(train_features.shape)}"
-        )
-    _check_labels("train_labels", train_labels, train_features.shape[0], "train_features")
+    check_train_test_features(train_features, test_features)
+    check_labels("train_labels", train_labels, train_features.shape[0], "train_features")
     k = check_positive_int("k", k)
     temperature = check_in_range("temperature", temperature, 0.0, float("inf"), low_inclusive=False)
     chunk_size = check_positive_int("chunk_size", chunk_size)
@@ -148,7 +147,7 @@ def knn_accuracy(
             tensor of length ``N_test``.
     """
     check_matrix("test_features", test_features, min_rows=1, finite=True)
-    _check_labels("test_labels", test_labels, test_features.shape[0], "test_features")
+    check_labels("test_labels", test_labels, test_features.shape[0], "test_features")
     predictions = knn_classify(
         train_features,
         train_labels,
@@ -160,18 +159,3 @@ def knn_accuracy(
     )
     correct = predictions == test_labels.detach().to(device=predictions.device, dtype=torch.long)
     return float(correct.double().mean())
-
-
-def _check_labels(name: str, labels: object, num_rows: int, features_name: str) -> None:
-    """Raise ``ValueError`` unless ``labels`` is a 1-D integer tensor with ``num_rows`` entries."""
-    if not isinstance(labels, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.ndim != 1:
-        raise ValueError(f"{name} must have shape [N], got shape {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
-    if labels.shape[0] != num_rows:
-        raise ValueError(
-            f"{name} must have one label per row of {features_name} ({num_rows}), got shape "
-            f"{tuple(labels.shape)}"
-        )

@@ -25,8 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protogmm._checks import check_in_range, check_matrix, check_positive_int
-from protogmm.evaluation.knn import _check_labels
+from protogmm._checks import (
+    check_in_range,
+    check_labels,
+    check_positive_int,
+    check_train_test_features,
+)
 
 __all__ = ["linear_probe"]
 
@@ -83,16 +87,9 @@ def linear_probe(
             feature dimensions, labels that are not 1-D integers with one entry per row or
             fall outside ``[0, num_classes)``, or an out-of-range hyper-parameter.
     """
-    check_matrix("train_features", train_features, min_rows=1, finite=True)
-    check_matrix("test_features", test_features, min_rows=1, finite=True)
-    if test_features.shape[1] != train_features.shape[1]:
-        raise ValueError(
-            f"test_features must have the same feature dimension as train_features, got "
-            f"test_features shape {tuple(test_features.shape)} and train_features shape "
-            f"{tuple(train_features.shape)}"
-        )
-    _check_labels("train_labels", train_labels, train_features.shape[0], "train_features")
-    _check_labels("test_labels", test_labels, test_features.shape[0], "test_features")
+    check_train_test_features(train_features, test_features)
+    check_labels("train_labels", train_labels, train_features.shape[0], "train_features")
+    check_labels("test_labels", test_labels, test_features.shape[0], "test_features")
     epochs = check_positive_int("epochs", epochs)
     lr = check_in_range("lr", lr, 0.0, math.inf, low_inclusive=False)
     weight_decay = check_in_range("weight_decay", weight_decay, 0.0, math.inf)
