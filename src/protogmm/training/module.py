@@ -6,7 +6,8 @@ A reader can follow one training step top to bottom in :meth:`PrototypicalSSL.tr
 2. decoupled prototypes only: the online GMM is fitted to those embeddings (paper eq. 2),
    before the student sees them, and never receives a gradient;
 3. the teacher's targets: DINO's centred, sharpened softmax over the prototype scores
-   (``targets="host"``) or the GMM's annealed posterior (``targets="posterior"``);
+   (``targets="host"``) or the GMM's annealed posterior (``targets="posterior"``), computed
+   once by the GMM's update;
 4. the student embeds every view and is scored against the same (fixed) prototypes;
 5. the DINO cross-entropy over all (teacher view, other student view) pairs (paper eq. 3);
 6. after the optimizer step, the teacher follows the student by EMA.
@@ -269,25 +270,25 @@ class PrototypicalSSL(L.LightningModule):
         if self.gmm is not None:
             posterior = self.gmm.update(teacher_embeddings.float())
 
-        # 3. The teacher's scores against the (now fixed) prototypes.
-        with torch.no_grad():
-            teacher_scores = self.teacher_prototypes(teacher_embeddings)
-
-        # 4. The student embeds every view and is scored against the same prototypes.
-        student_scores = self.student_prototypes(self.embed(self.student, views))
-
-        # 5. DINO's cross-entropy over all (teacher view, other student view) pairs (eq. 3).
+        # 3. The teacher's targets over the (now fixed) prototypes.
         k = self.hparams.num_prototypes
-        student_scores = student_scores.view(len(views), batch_size, k)
-        teacher_scores = teacher_scores.view(n_global, batch_size, k)
         if posterior is not None and self.hparams.targets == "posterior":
             targets = self.posterior_targets(posterior).view(n_global, batch_size, k)
         else:
-            # DINO: centre and sharpen with the previous centre, then move the centre.
+            # DINO: centre and sharpen the scores with the previous centre, then move it.
+            with torch.no_grad():
+                teacher_scores = self.teacher_prototypes(teacher_embeddings)
+            teacher_scores = teacher_scores.view(n_global, batch_size, k)
             targets = self.objective.teacher_distribution(
                 teacher_scores, schedule["teacher_temperature"]
             )
             self.objective.update_center(teacher_scores)
+
+        # 4. The student embeds every view and is scored against the same prototypes.
+        student_scores = self.student_prototypes(self.embed(self.student, views))
+        student_scores = student_scores.view(len(views), batch_size, k)
+
+        # 5. DINO's cross-entropy over all (teacher view, other student view) pairs (eq. 3).
         loss = self.objective(student_scores, teacher_probs=targets)
 
         self._log_step(loss, schedule, targets)
