@@ -41,7 +41,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # the quick demo takes ~2 min alone; more on a loaded machine
     )
 
 
