@@ -201,7 +201,7 @@ def plot_prototype_geometry(
     title = "Prototype geometry: PCA-2 of the normalised prototypes (paper Fig. 1)"
     fig.suptitle(title if len(sets) > 1 else title.replace(": ", ":\n", 1))
     fig.tight_layout()
-    return _save_atomically(fig, path)
+    return save_figure_atomically(fig, path)
 
 
 def plot_unique_vs_eps(
@@ -254,7 +254,7 @@ def plot_unique_vs_eps(
     ax.legend(fontsize=9)
     ax.set_title("Unique prototypes against ε (Definition 2.1, paper Fig. 3a)")
     fig.tight_layout()
-    return _save_atomically(fig, path)
+    return save_figure_atomically(fig, path)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -391,7 +391,7 @@ def _gaussian_smooth(image: np.ndarray, sigma: float) -> np.ndarray:
     return np.apply_along_axis(np.convolve, 1, blurred, kernel, mode="same")
 
 
-def _save_atomically(fig: Figure, path: str | Path) -> Path:
+def save_figure_atomically(fig: Figure, path: str | Path) -> Path:
     """Save ``fig`` as PNG to a temporary file next to ``path``, then ``os.replace`` it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

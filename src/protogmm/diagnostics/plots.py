@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from protogmm.diagnostics.geometry import _save_atomically
+from protogmm.diagnostics.geometry import save_figure_atomically
 
 
 def plot_collapse_over_training(
@@ -46,4 +46,4 @@ def plot_collapse_over_training(
     axes[-1].legend(loc="lower left", fontsize=8)
     fig.suptitle("Unique prototypes over training (Definition 2.1)")
     fig.tight_layout()
-    return _save_atomically(fig, path)
+    return save_figure_atomically(fig, path)
