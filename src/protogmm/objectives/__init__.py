@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from protogmm.objectives.carp import CARPLoss, CARPTerms
 from protogmm.objectives.dino import DINOLoss
+from protogmm.objectives.ibot import IBOTPatchLoss
 
-__all__ = ["DINOLoss"]
+__all__ = ["CARPLoss", "CARPTerms", "DINOLoss", "IBOTPatchLoss"]
