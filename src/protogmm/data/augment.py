@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from protogmm._checks import check_in_range, check_positive_int
 
 __all__ = [
+    "ConvertMode",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MNIST_MEAN",
@@ -101,6 +102,25 @@ def _check_interval(
             f"{name} must be a pair (min, max) with {low} < min <= max <= {high}, got {value!r}"
         )
     return float(value[0]), float(value[1])
+
+
+class ConvertMode:
+    """PIL image -> the same image in PIL ``mode`` (``"L"`` or ``"RGB"``); no-op if it is.
+
+    Lets a grayscale dataset feed an RGB model (channels repeated) and an RGB one a
+    grayscale model (ITU-R 601-2 luma, Pillow's ``convert("L")``).
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("L", "RGB"):
+            raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+        self.mode = mode
+
+    def __call__(self, image: Any) -> Any:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.mode!r})"
 
 
 class _AsUint8Image:

@@ -41,6 +41,7 @@ __all__ = [
     "EmbeddedMNIST",
     "MultiViewDataset",
     "SyntheticImages",
+    "hash_order",
     "load_mnist5k",
     "long_tail_counts",
     "mnist5k_path",
@@ -198,6 +199,19 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def hash_order(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of ``range(n)``, the same on every machine and NumPy version.
+
+    Positions sorted by a SplitMix64 hash of ``(seed, position)`` (see
+    :func:`stratified_split`); used to interleave the classes of a class-sorted dataset.
+    """
+    check_positive_int("n", n, minimum=0)
+    check_positive_int("seed", seed, minimum=0)
+    index = np.arange(n, dtype=np.uint64)
+    keys = _splitmix64(_splitmix64(np.full_like(index, seed)) ^ index)
+    return np.argsort(_splitmix64(keys), kind="stable")
 
 
 def stratified_split(
