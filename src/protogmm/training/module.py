@@ -1,6 +1,9 @@
-"""One LightningModule for prototypical self-supervised learning (DINO host).
+"""One LightningModule for prototypical self-supervised learning (DINO, iBOT, CARP hosts).
 
-A reader can follow one training step top to bottom in :meth:`PrototypicalSSL.training_step`:
+A reader can follow one training step top to bottom: :meth:`PrototypicalSSL.training_step`
+calls the host's step (:meth:`~PrototypicalSSL.dino_step`, :meth:`~PrototypicalSSL.ibot_step`
+or :meth:`~PrototypicalSSL.carp_step`, chosen by ``host``), adds KoLeo-proto for joint
+prototypes if asked, and logs. The DINO step:
 
 1. the EMA teacher embeds the global views (no gradient);
 2. decoupled prototypes only: the online GMM is fitted to those embeddings (paper eq. 2),
@@ -12,12 +15,18 @@ A reader can follow one training step top to bottom in :meth:`PrototypicalSSL.tr
 5. the DINO cross-entropy over all (teacher view, other student view) pairs (paper eq. 3);
 6. after the optimizer step, the teacher follows the student by EMA.
 
+iBOT adds masked-patch self-distillation on the ViT's patch tokens (patch prototypes shared
+with [CLS] or separate; decoupled: a second mixture fitted to a bounded random subset of the
+teacher's patch embeddings); CARP replaces the cross-entropy with consistent assignments over
+a random partition of the prototypes into blocks (objectives/ibot.py, objectives/carp.py).
+
 Joint prototypes (``prototypes="joint"``) are DINO's weight-normalised last layer, learned by
 gradient with the encoder, with an EMA copy in the teacher (the baseline that collapses).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from typing import Any, Literal
@@ -28,19 +37,23 @@ import torch
 from torch import Tensor, nn
 
 from protogmm._checks import check_choice, check_in_range, check_positive_int
+from protogmm.data.masking import BlockMasking, check_ratio_range
 from protogmm.models import ProjectionHead, build_backbone, make_teacher, update_ema_
-from protogmm.objectives import DINOLoss
+from protogmm.objectives import CARPLoss, DINOLoss, IBOTPatchLoss
 from protogmm.objectives.balancing import sinkhorn_knopp
 from protogmm.prototypes import LearnedPrototypes, OnlineGMM, PrototypeSet
+from protogmm.prototypes.koleo import koleo_proto_loss
 from protogmm.schedules import cosine_ramp, linear_ramp, warmup_cosine
 
 PrototypeKind = Literal["joint", "decoupled"]
 Targets = Literal["host", "posterior"]
 Balancing = Literal["none", "sinkhorn"]
+Host = Literal["dino", "ibot", "carp"]
+PatchPrototypes = Literal["shared", "separate"]
 
 
 class PrototypicalSSL(L.LightningModule):
-    """DINO with joint or decoupled (online-GMM) prototypes.
+    """DINO, iBOT or CARP with joint or decoupled (online-GMM) prototypes.
 
     Schedules are per step and derived from the step alone (so resuming restores them
     exactly): cosine learning rate with linear warm-up, cosine weight decay, cosine teacher
@@ -51,6 +64,9 @@ class PrototypicalSSL(L.LightningModule):
         backbone_kwargs: extra keyword arguments of the backbone.
         in_channels: image channels (linked from the data module by the CLI).
         image_size: global-crop size in pixels (linked from the data module by the CLI).
+        host: ``"dino"`` (Caron et al. 2021), ``"ibot"`` (Zhou et al. 2022: DINO on [CLS] +
+            masked-patch self-distillation; needs a ViT backbone) or ``"carp"`` (Silva &
+            Ramírez Rivera 2023: consistent assignments over random prototype partitions).
         prototypes: ``"joint"`` (learned by gradient, DINO) or ``"decoupled"`` (online GMM).
         num_prototypes: K.
         hidden_dim: width of the projection MLP.
@@ -84,6 +100,29 @@ class PrototypicalSSL(L.LightningModule):
         teacher_momentum: EMA momentum at step 0 (cosine to 1).
         freeze_prototypes_epochs: joint only: the prototype layer gets no update during the
             first epochs (DINO's ``freeze_last_layer``).
+        koleo_weight: joint only: weight of KoLeo-proto (Govindarajan et al. 2024) on every
+            learned prototype set, added to any host's loss (0: off).
+        host_seed: seed of the host's own random draws (iBOT masks and patch-mixture subset,
+            CARP partitions), independent of the global RNGs so that they do not shift the
+            augmentations' random stream.
+        ibot_mask_ratio: iBOT: range of the per-image prediction ratio, in ``[0, 1)`` (iBOT
+            0.1-0.5).
+        ibot_mask_probability: iBOT: chance that an image is masked at all (iBOT 0.5).
+        ibot_mask_min_aspect: iBOT: smallest aspect ratio of a mask block (iBOT 0.3).
+        ibot_patch_prototypes: iBOT: ``"separate"`` (the patch tokens have their own set:
+            iBOT's second last layer; decoupled, their own mixture) or ``"shared"`` (the
+            [CLS] set; decoupled, one mixture fitted to [CLS] and patch embeddings).
+        ibot_num_patch_prototypes: iBOT, separate: K of the patch set (default: K).
+        ibot_patch_weight: iBOT: weight of the patch loss (iBOT's lambda2, 1).
+        teacher_patch_temperature: iBOT: patch tau_t after warm-up (iBOT 0.07).
+        warmup_teacher_patch_temperature: iBOT: patch tau_t at step 0 (iBOT 0.04), ramped
+            over ``teacher_temperature_warmup_epochs``.
+        ibot_patch_gmm_samples: decoupled iBOT: at most this many teacher patch embeddings
+            (a seeded random subset) update the patch mixture per step.
+        carp_block_size: CARP: prototypes per block P; must divide K (CARP 512 of 65,536).
+        carp_temperature: CARP: temperature of the per-block softmax of both networks (our
+            scores are cosines; CARP's unnormalised logits carry their own scale).
+        carp_entropy_weight: CARP: weight of KL(mean assignment || uniform) per block (1).
     """
 
     def __init__(
@@ -92,6 +131,7 @@ class PrototypicalSSL(L.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         in_channels: int = 1,
         image_size: int = 28,
+        host: Host = "dino",
         prototypes: PrototypeKind = "decoupled",
         num_prototypes: int = 1024,
         hidden_dim: int = 512,
@@ -115,6 +155,20 @@ class PrototypicalSSL(L.LightningModule):
         weight_decay_end: float = 0.4,
         teacher_momentum: float = 0.996,
         freeze_prototypes_epochs: float = 1.0,
+        koleo_weight: float = 0.0,
+        host_seed: int = 0,
+        ibot_mask_ratio: tuple[float, float] = (0.1, 0.5),
+        ibot_mask_probability: float = 0.5,
+        ibot_mask_min_aspect: float = 0.3,
+        ibot_patch_prototypes: PatchPrototypes = "separate",
+        ibot_num_patch_prototypes: int | None = None,
+        ibot_patch_weight: float = 1.0,
+        teacher_patch_temperature: float = 0.07,
+        warmup_teacher_patch_temperature: float = 0.04,
+        ibot_patch_gmm_samples: int = 4096,
+        carp_block_size: int = 128,
+        carp_temperature: float = 0.1,
+        carp_entropy_weight: float = 1.0,
     ) -> None:
         super().__init__()
         check_choice("model.prototypes", prototypes, ("joint", "decoupled"))
@@ -149,6 +203,7 @@ class PrototypicalSSL(L.LightningModule):
             "model.posterior_temperature", posterior_temperature, 0.0, math.inf, low_inclusive=False
         )
         check_choice("model.target_balancing", target_balancing, ("none", "sinkhorn"))
+        self._check_host_arguments(locals())
         self.save_hyperparameters()
 
         try:
@@ -160,6 +215,11 @@ class PrototypicalSSL(L.LightningModule):
             )
         except ValueError as error:
             raise ValueError(f"model.backbone: {error}") from None
+        if host == "ibot" and not hasattr(encoder, "forward_tokens"):
+            raise ValueError(
+                f"model.host: 'ibot' needs a backbone with patch tokens (vit, vit_t, vit_s), "
+                f"got model.backbone={backbone!r}"
+            )
         head = ProjectionHead(
             encoder.feature_dim,
             hidden_dim=hidden_dim,
@@ -168,9 +228,18 @@ class PrototypicalSSL(L.LightningModule):
             use_bn=head_bn,
         )
         self.student = nn.ModuleDict({"backbone": encoder, "head": head})
+        # iBOT with separate patch prototypes: a second set (named ``patch.prototypes`` and
+        # ``patch.gmm``, so `protogmm diagnose` finds them beside the [CLS] set).
+        separate_patches = host == "ibot" and ibot_patch_prototypes == "separate"
+        num_patch_prototypes = ibot_num_patch_prototypes or num_prototypes
+        self.patch: nn.ModuleDict | None = None
         if prototypes == "joint":
             # DINO: the prototypes are the student's last layer; the teacher holds an EMA copy.
             self.student["prototypes"] = LearnedPrototypes(num_prototypes, bottleneck_dim)
+            if separate_patches:  # iBOT's second last layer (shared_head=False)
+                self.student["patch"] = nn.ModuleDict(
+                    {"prototypes": LearnedPrototypes(num_patch_prototypes, bottleneck_dim)}
+                )
             self.gmm = None
         else:
             # Decoupled (paper Fig. 2b): one mixture shared by teacher and student, buffers only.
@@ -180,12 +249,85 @@ class PrototypicalSSL(L.LightningModule):
                 self.gmm = OnlineGMM(num_prototypes, bottleneck_dim, **gmm_kwargs)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"model.gmm: {error}") from None
+            if separate_patches:  # decoupled iBOT: the patch tokens' own mixture
+                self.patch = nn.ModuleDict(
+                    {"gmm": OnlineGMM(num_patch_prototypes, bottleneck_dim, **gmm_kwargs)}
+                )
         self.teacher = make_teacher(self.student)
-        self.objective = DINOLoss(
-            num_prototypes,
-            student_temperature=student_temperature,
-            center_momentum=center_momentum,
+        if host == "carp":
+            self.objective = CARPLoss(
+                num_prototypes,
+                carp_block_size,
+                temperature=carp_temperature,
+                entropy_weight=carp_entropy_weight,
+                seed=host_seed,
+            )
+        else:  # DINO, and iBOT's [CLS] loss
+            self.objective = DINOLoss(
+                num_prototypes,
+                student_temperature=student_temperature,
+                center_momentum=center_momentum,
+            )
+        if host == "ibot":
+            self.patch_objective = IBOTPatchLoss(
+                num_patch_prototypes,
+                student_temperature=student_temperature,
+                center_momentum=center_momentum,
+            )
+            self.masking = BlockMasking(
+                (encoder.grid_size, encoder.grid_size),
+                ratio=ibot_mask_ratio,
+                probability=ibot_mask_probability,
+                min_aspect=ibot_mask_min_aspect,
+            )
+
+    @staticmethod
+    def _check_host_arguments(args: dict[str, Any]) -> None:
+        """One-line errors naming the key for the host options (before anything is built)."""
+        check_choice("model.host", args["host"], ("dino", "ibot", "carp"))
+        check_in_range("model.koleo_weight", args["koleo_weight"], 0.0, math.inf)
+        if args["koleo_weight"] > 0 and args["prototypes"] == "decoupled":
+            raise ValueError(
+                "model.koleo_weight: KoLeo-proto regularises jointly learned prototypes; "
+                "decoupled prototypes get no gradient (use model.prototypes=joint), got "
+                f"{args['koleo_weight']!r}"
+            )
+        if isinstance(args["host_seed"], bool) or not isinstance(args["host_seed"], int):
+            raise ValueError(f"model.host_seed must be an integer, got {args['host_seed']!r}")
+        check_ratio_range("model.ibot_mask_ratio", args["ibot_mask_ratio"])
+        check_in_range("model.ibot_mask_probability", args["ibot_mask_probability"], 0.0, 1.0)
+        check_in_range(
+            "model.ibot_mask_min_aspect",
+            args["ibot_mask_min_aspect"],
+            0.0,
+            1.0,
+            low_inclusive=False,
         )
+        check_choice(
+            "model.ibot_patch_prototypes", args["ibot_patch_prototypes"], ("shared", "separate")
+        )
+        if args["ibot_num_patch_prototypes"] is not None:
+            check_positive_int("model.ibot_num_patch_prototypes", args["ibot_num_patch_prototypes"])
+            if args["ibot_patch_prototypes"] == "shared":
+                raise ValueError(
+                    "model.ibot_num_patch_prototypes: only with ibot_patch_prototypes="
+                    f"'separate' (shared patch prototypes are the [CLS] set), got "
+                    f"{args['ibot_num_patch_prototypes']!r}"
+                )
+        check_in_range("model.ibot_patch_weight", args["ibot_patch_weight"], 0.0, math.inf)
+        for name in ("teacher_patch_temperature", "warmup_teacher_patch_temperature"):
+            check_in_range(f"model.{name}", args[name], 0.0, math.inf, low_inclusive=False)
+        check_positive_int("model.ibot_patch_gmm_samples", args["ibot_patch_gmm_samples"])
+        check_positive_int("model.carp_block_size", args["carp_block_size"], minimum=2)
+        if args["host"] == "carp" and args["num_prototypes"] % args["carp_block_size"]:
+            raise ValueError(
+                f"model.carp_block_size must divide model.num_prototypes="
+                f"{args['num_prototypes']}, got {args['carp_block_size']}"
+            )
+        check_in_range(
+            "model.carp_temperature", args["carp_temperature"], 0.0, math.inf, low_inclusive=False
+        )
+        check_in_range("model.carp_entropy_weight", args["carp_entropy_weight"], 0.0, math.inf)
 
     # ------------------------------------------------------------------ prototype sets
     @property
@@ -195,6 +337,38 @@ class PrototypicalSSL(L.LightningModule):
     @property
     def teacher_prototypes(self) -> PrototypeSet:
         return self.gmm if self.gmm is not None else self.teacher["prototypes"]
+
+    @property
+    def patch_gmm(self) -> OnlineGMM | None:
+        """Decoupled iBOT with separate patch prototypes: the patch tokens' own mixture."""
+        return self.patch["gmm"] if self.patch is not None else None
+
+    @property
+    def student_patch_prototypes(self) -> PrototypeSet:
+        """iBOT: the set the student's patch tokens are scored against ([CLS] set if shared)."""
+        if self.patch_gmm is not None:
+            return self.patch_gmm
+        if "patch" in self.student:
+            return self.student["patch"]["prototypes"]
+        return self.student_prototypes
+
+    @property
+    def teacher_patch_prototypes(self) -> PrototypeSet:
+        """iBOT: the set the teacher's patch tokens are scored against ([CLS] set if shared)."""
+        if self.patch_gmm is not None:
+            return self.patch_gmm
+        if "patch" in self.teacher:
+            return self.teacher["patch"]["prototypes"]
+        return self.teacher_prototypes
+
+    def learned_prototype_sets(self) -> list[LearnedPrototypes]:
+        """The student's jointly learned sets ([CLS], and iBOT's separate patch set)."""
+        if self.gmm is not None:
+            return []
+        sets = [self.student["prototypes"]]
+        if "patch" in self.student:
+            sets.append(self.student["patch"]["prototypes"])
+        return sets
 
     def prototypes_fitted(self) -> bool:
         """False while a decoupled mixture still waits for its first embeddings."""
@@ -223,6 +397,12 @@ class PrototypicalSSL(L.LightningModule):
             "teacher_temperature": linear_ramp(
                 step, tau_warmup_steps, hp.warmup_teacher_temperature, hp.teacher_temperature
             ),
+            "teacher_patch_temperature": linear_ramp(
+                step,
+                tau_warmup_steps,
+                hp.warmup_teacher_patch_temperature,
+                hp.teacher_patch_temperature,
+            ),
             "freeze_prototypes": float(step < hp.freeze_prototypes_epochs * steps_per_epoch),
         }
 
@@ -234,14 +414,19 @@ class PrototypicalSSL(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.gmm is not None and self._anneal_from_fraction:
             total = int(self.trainer.estimated_stepping_batches)
-            self.gmm.anneal_steps = int(round(self.hparams.gmm_anneal_fraction * total))
+            for mixture in (self.gmm, self.patch_gmm):
+                if mixture is not None:
+                    mixture.anneal_steps = int(round(self.hparams.gmm_anneal_fraction * total))
 
     # ------------------------------------------------------------------ forward passes
     def embed(self, net: nn.ModuleDict, views: list[Tensor]) -> Tensor:
-        """L2-normalised bottleneck embeddings ``[V * B, d]`` of views, grouped by resolution.
+        """L2-normalised bottleneck embeddings ``[V * B, d]`` of views, grouped by resolution."""
+        return net["head"](self.backbone_features(net, views))
 
-        Views of one size go through the backbone together (DINO's ``MultiCropWrapper``).
-        """
+    @staticmethod
+    def backbone_features(net: nn.ModuleDict, views: list[Tensor]) -> Tensor:
+        """Backbone features ``[V * B, D]`` of views; views of one size go through together
+        (DINO's ``MultiCropWrapper``)."""
         features, start = [], 0
         while start < len(views):
             end = start
@@ -249,7 +434,34 @@ class PrototypicalSSL(L.LightningModule):
                 end += 1
             features.append(net["backbone"](torch.cat(views[start:end])))
             start = end
-        return net["head"](torch.cat(features))
+        return torch.cat(features)
+
+    def embed_tokens(
+        self,
+        net: nn.ModuleDict,
+        global_views: Tensor,
+        masks: Tensor | None = None,
+        local_views: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """iBOT's embeddings: [CLS] ``[N + L * B, d]`` and patches.
+
+        The ``N`` global images go through the ViT's ``forward_tokens``; local views give
+        their [CLS] only (iBOT). The projection head is shared by [CLS] and patch tokens
+        (iBOT's ``iBOTHead``). Without ``masks``: every patch, ``[N, P, d]``. With ``masks``
+        (``[N, h, w]``, True = replaced by the mask token): only the masked patches,
+        ``[M, d]`` in ``masks.nonzero()`` order, since the loss reads nothing else.
+        """
+        cls_tokens, patch_tokens = net["backbone"].forward_tokens(global_views, mask=masks)
+        if local_views:
+            cls_tokens = torch.cat([cls_tokens, self.backbone_features(net, local_views)])
+        num_images, num_patches, _ = patch_tokens.shape
+        if masks is None:
+            patches = net["head"](patch_tokens.flatten(0, 1)).view(num_images, num_patches, -1)
+        elif self.hparams.head_bn:  # batch norm: statistics over every token, as unmasked
+            patches = net["head"](patch_tokens.flatten(0, 1))[masks.flatten()]
+        else:  # project the masked tokens alone (about 1/7 of them with iBOT's masks)
+            patches = net["head"](patch_tokens[masks.flatten(1)])
+        return net["head"](cls_tokens), patches
 
     def forward(self, images: Tensor) -> Tensor:
         """Backbone features of the teacher (the encoder evaluated by k-NN, as in DINO)."""
@@ -258,8 +470,28 @@ class PrototypicalSSL(L.LightningModule):
     # ------------------------------------------------------------------ one training step
     def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
         views, _ = batch
-        n_global, batch_size = 2, views[0].shape[0]
         schedule = self._current_schedule()
+        if self.hparams.host == "ibot":
+            loss, targets, metrics = self.ibot_step(views, schedule)
+        elif self.hparams.host == "carp":
+            loss, targets, metrics = self.carp_step(views, schedule)
+        else:
+            loss, targets, metrics = self.dino_step(views, schedule)
+
+        # Joint only: KoLeo-proto pushes every learned prototype from its nearest neighbour.
+        if self.hparams.koleo_weight > 0:
+            koleo = sum(koleo_proto_loss(p.weight) for p in self.learned_prototype_sets())
+            loss = loss + self.hparams.koleo_weight * koleo
+            metrics["train/koleo"] = koleo.detach()
+
+        self._log_step(loss, schedule, targets, metrics)
+        return loss
+
+    def dino_step(
+        self, views: list[Tensor], schedule: dict[str, float]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """DINO: returns the loss, the teacher's targets and the host's extra metrics."""
+        n_global, batch_size = 2, views[0].shape[0]
 
         # 1. The teacher embeds the global views.
         with torch.no_grad():
@@ -271,28 +503,175 @@ class PrototypicalSSL(L.LightningModule):
             posterior = self.gmm.update(teacher_embeddings.float())
 
         # 3. The teacher's targets over the (now fixed) prototypes.
-        k = self.hparams.num_prototypes
-        if posterior is not None and self.hparams.targets == "posterior":
-            targets = self.posterior_targets(posterior).view(n_global, batch_size, k)
-        else:
-            # DINO: centre and sharpen the scores with the previous centre, then move it.
-            with torch.no_grad():
-                teacher_scores = self.teacher_prototypes(teacher_embeddings)
-            teacher_scores = teacher_scores.view(n_global, batch_size, k)
-            targets = self.objective.teacher_distribution(
-                teacher_scores, schedule["teacher_temperature"]
-            )
-            self.objective.update_center(teacher_scores)
+        targets = self.dino_targets(teacher_embeddings, posterior, schedule)  # [2, B, K]
 
         # 4. The student embeds every view and is scored against the same prototypes.
         student_scores = self.student_prototypes(self.embed(self.student, views))
-        student_scores = student_scores.view(len(views), batch_size, k)
+        student_scores = student_scores.view(len(views), batch_size, -1)
 
         # 5. DINO's cross-entropy over all (teacher view, other student view) pairs (eq. 3).
         loss = self.objective(student_scores, teacher_probs=targets)
+        return loss, targets, {}
 
-        self._log_step(loss, schedule, targets)
-        return loss
+    def ibot_step(
+        self, views: list[Tensor], schedule: dict[str, float]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """iBOT: DINO on [CLS] + masked-patch self-distillation (Zhou et al. 2022, Eq. 3)."""
+        n_global, batch_size = 2, views[0].shape[0]
+        global_views = torch.cat(views[:n_global])
+        masks = self.ibot_masks(n_global * batch_size).to(global_views.device)  # [2B, h, w]
+
+        # 1. The teacher embeds the unmasked global views: [CLS] [2B, d], patches [2B, P, d].
+        with torch.no_grad():
+            teacher_cls, teacher_patches = self.embed_tokens(self.teacher, global_views)
+
+        # 2. Decoupled: fit the mixture(s) first (paper eq. 2); patch embeddings enter as a
+        #    bounded random subset (one mixture for both when the prototypes are shared).
+        posterior = None
+        if self.gmm is not None:
+            patch_sample = self.sample_patches(teacher_patches)
+            if self.patch_gmm is not None:
+                posterior = self.gmm.update(teacher_cls.float())
+                self.patch_gmm.update(patch_sample.float())
+            else:
+                both = torch.cat([teacher_cls, patch_sample]).float()
+                posterior = self.gmm.update(both)[: teacher_cls.shape[0]]
+
+        # 3. The teacher's targets: DINO's for [CLS], iBOT's at the masked patch positions.
+        cls_targets = self.dino_targets(teacher_cls, posterior, schedule)  # [2, B, K]
+        patch_targets = self.ibot_patch_targets(teacher_patches, masks, schedule)  # [M, K_p]
+
+        # 4. The student embeds the masked global views ([CLS], and the patches at the masked
+        #    positions) and the local views ([CLS]).
+        student_cls, student_patches = self.embed_tokens(
+            self.student, global_views, masks, views[n_global:]
+        )
+        cls_scores = self.student_prototypes(student_cls).view(len(views), batch_size, -1)
+        patch_scores = self.student_patch_prototypes(student_patches)  # [M, K_p]
+
+        # 5. DINO over [CLS] pairs + the masked-patch cross-entropy (lambda1 = 1, lambda2).
+        cls_loss = self.objective(cls_scores, teacher_probs=cls_targets)
+        patch_loss = self.patch_objective(
+            patch_scores, patch_targets, masks.view(n_global, batch_size, -1)
+        )
+        loss = cls_loss + self.hparams.ibot_patch_weight * patch_loss
+        return (
+            loss,
+            cls_targets,
+            {
+                "train/cls_loss": cls_loss.detach(),
+                "train/patch_loss": patch_loss.detach(),
+                "train/masked_fraction": masks.float().mean(),
+                "train/teacher_patch_temperature": schedule["teacher_patch_temperature"],
+            },
+        )
+
+    def carp_step(
+        self, views: list[Tensor], schedule: dict[str, float]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """CARP: consistent block assignments over a random partition (Silva & Ramírez Rivera)."""
+        n_global, batch_size = 2, views[0].shape[0]
+
+        # 1. The teacher embeds the global views.
+        with torch.no_grad():
+            teacher_embeddings = self.embed(self.teacher, views[:n_global])  # [2B, d]
+
+        # 2. Decoupled: fit the mixture to the teacher's embeddings first (paper eq. 2).
+        posterior = None
+        if self.gmm is not None:
+            posterior = self.gmm.update(teacher_embeddings.float())
+
+        # 3. The teacher's side: scores over the (fixed) prototypes, or the GMM posterior.
+        with torch.no_grad():
+            if posterior is not None and self.hparams.targets == "posterior":
+                teacher_scores = None
+                targets = self.posterior_targets(posterior).view(n_global, batch_size, -1)
+            else:
+                teacher_scores = self.teacher_prototypes(teacher_embeddings)
+                teacher_scores = teacher_scores.view(n_global, batch_size, -1)
+                targets = torch.softmax(teacher_scores / self.hparams.carp_temperature, dim=-1)
+
+        # 4. The student embeds every view and is scored against the same prototypes.
+        student_scores = self.student_prototypes(self.embed(self.student, views))
+        student_scores = student_scores.view(len(views), batch_size, -1)
+
+        # 5. This step's random partition into blocks of P; per-block consistency over
+        #    cross-view pairs + KL(mean block assignment || uniform).
+        partition = self.objective.next_partition()
+        if teacher_scores is not None:
+            terms = self.objective(student_scores, partition, teacher_scores)
+        else:
+            terms = self.objective(student_scores, partition, teacher_probs=targets)
+        return (
+            terms.loss,
+            targets,
+            {
+                "train/consistency": terms.consistency.detach(),
+                "train/entropy_kl": terms.entropy.detach(),
+            },
+        )
+
+    # ------------------------------------------------------------------ targets and draws
+    def dino_targets(
+        self, teacher_embeddings: Tensor, posterior: Tensor | None, schedule: dict[str, float]
+    ) -> Tensor:
+        """DINO's ``[2, B, K]`` targets: the GMM posterior, or centred and sharpened scores."""
+        k = self.hparams.num_prototypes
+        if posterior is not None and self.hparams.targets == "posterior":
+            return self.posterior_targets(posterior).view(2, -1, k)
+        # Centre and sharpen the scores with the previous centre, then move it.
+        with torch.no_grad():
+            teacher_scores = self.teacher_prototypes(teacher_embeddings).view(2, -1, k)
+        targets = self.objective.teacher_distribution(
+            teacher_scores, schedule["teacher_temperature"]
+        )
+        self.objective.update_center(teacher_scores)
+        return targets
+
+    @torch.no_grad()
+    def ibot_patch_targets(
+        self, teacher_patches: Tensor, masks: Tensor, schedule: dict[str, float]
+    ) -> Tensor:
+        """iBOT's patch targets ``[M, K_p]`` at the masked positions (``masks`` ``[N, h, w]``).
+
+        Centred with the patch centre and sharpened with the patch temperature (the centre
+        moves with all positions), or the patch mixture's posterior (``targets="posterior"``).
+        """
+        masked = masks.flatten(1)
+        if self.gmm is not None and self.hparams.targets == "posterior":
+            mixture = self.patch_gmm if self.patch_gmm is not None else self.gmm
+            return self.posterior_targets(mixture.responsibilities(teacher_patches[masked]))
+        num_images, num_patches, _ = teacher_patches.shape
+        scores = self.teacher_patch_prototypes(teacher_patches.flatten(0, 1))
+        scores = scores.view(num_images, num_patches, -1)
+        targets = self.patch_objective.teacher_distribution(
+            scores[masked], schedule["teacher_patch_temperature"]
+        )
+        self.patch_objective.update_center(scores)
+        return targets
+
+    def step_seed(self, purpose: str) -> int:
+        """A seed for this step's own draws: a hash of (purpose, host_seed, rank, step).
+
+        Independent of the global RNGs, identical on resume, different on each DDP rank.
+        """
+        key = f"{purpose}/{self.hparams.host_seed}/{self.global_rank}/{self.global_step}"
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+    def ibot_masks(self, num_images: int) -> Tensor:
+        """This step's iBOT block masks ``[num_images, h, w]`` (bool, True = masked)."""
+        return self.masking(num_images, random.Random(self.step_seed("ibot-mask")))
+
+    @torch.no_grad()
+    def sample_patches(self, patches: Tensor) -> Tensor:
+        """At most ``ibot_patch_gmm_samples`` rows of ``patches`` ``[N, P, d]``, seeded."""
+        flat = patches.flatten(0, 1)
+        limit = self.hparams.ibot_patch_gmm_samples
+        if flat.shape[0] <= limit:
+            return flat
+        generator = torch.Generator().manual_seed(self.step_seed("ibot-patch-subset"))
+        index = torch.randperm(flat.shape[0], generator=generator)[:limit]
+        return flat[index.to(flat.device)]
 
     @torch.no_grad()
     def posterior_targets(self, posterior: Tensor) -> Tensor:
@@ -324,8 +703,9 @@ class PrototypicalSSL(L.LightningModule):
     def on_after_backward(self) -> None:
         # DINO's freeze_last_layer: the joint prototypes do not move during the first epoch(s).
         if self.gmm is None and self._current_schedule()["freeze_prototypes"]:
-            for param in self.student["prototypes"].parameters():
-                param.grad = None
+            for prototypes in self.learned_prototype_sets():
+                for param in prototypes.parameters():
+                    param.grad = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # 6. The teacher follows the student (its step's momentum, DINO's cosine schedule).
@@ -368,8 +748,14 @@ class PrototypicalSSL(L.LightningModule):
 
     # ------------------------------------------------------------------ logging
     @torch.no_grad()
-    def _log_step(self, loss: Tensor, schedule: dict[str, float], targets: Tensor) -> None:
-        """Loss, schedules, and the two failure modes of design.md §3 (per step)."""
+    def _log_step(
+        self,
+        loss: Tensor,
+        schedule: dict[str, float],
+        targets: Tensor,
+        extra: dict[str, Tensor | float] | None = None,
+    ) -> None:
+        """Loss, schedules, the two failure modes of design.md §3, the host's own terms."""
         probs = targets.reshape(-1, targets.shape[-1]).float()
         sample_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
         marginal = probs.mean(0)
@@ -384,6 +770,7 @@ class PrototypicalSSL(L.LightningModule):
             "targets/sample_entropy": sample_entropy,
             "targets/marginal_entropy": marginal_entropy,
             "targets/argmax_used": float(probs.argmax(1).unique().numel()),
+            **(extra or {}),
         }
         if self.gmm is not None:
             log_var = self.gmm.variances.log()

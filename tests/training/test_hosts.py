@@ -1,0 +1,338 @@
+"""The iBOT and CARP hosts and KoLeo-proto in PrototypicalSSL, end to end on tiny data (CPU)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from protogmm.prototypes.koleo import koleo_proto_loss
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.runner import build_trainer
+
+TINY_VIT = {
+    "backbone": "vit",
+    "backbone_kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+    "head_bn": False,
+}
+TINY = {
+    "num_prototypes": 32,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+    "warmup_epochs": 0.5,
+    "freeze_prototypes_epochs": 0.5,
+    "carp_block_size": 8,
+    "ibot_mask_probability": 1.0,
+}
+TINY_CONVNET = {"backbone": "convnet", "backbone_kwargs": {"width": 8}}
+
+
+def tiny_model(host: str, kind: str, **kwargs: object) -> PrototypicalSSL:
+    backbone = TINY_VIT if host == "ibot" else TINY_CONVNET
+    return PrototypicalSSL(
+        host=host, prototypes=kind, in_channels=1, image_size=16, **(TINY | backbone | kwargs)
+    )
+
+
+def tiny_data() -> SSLDataModule:
+    return SSLDataModule(
+        dataset="synthetic",
+        batch_size=16,
+        num_local_crops=2,
+        synthetic_samples=64,
+        synthetic_image_size=16,
+    )
+
+
+class CrashAtStep(L.Callback):
+    """Simulates a killed job when the run reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def fit(
+    tmp_path: Path,
+    host: str,
+    kind: str,
+    epochs: int = 1,
+    ckpt_path: str | None = None,
+    crash_at_step: int | None = None,
+    **kw: object,
+) -> tuple[PrototypicalSSL, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model(host, kind, **kw)
+    trainer = build_trainer(
+        tmp_path,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        dense_every_n_steps=2,
+        callbacks=[CrashAtStep(crash_at_step)] if crash_at_step is not None else [],
+    )
+    trainer.fit(model, datamodule=tiny_data(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def logged(run_dir: Path, column: str) -> list[tuple[int, float]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [
+            (int(row["step"]), float(row[column]))
+            for row in csv.DictReader(handle)
+            if row.get(column)
+        ]
+
+
+def batch(size: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
+    data = tiny_data()
+    data.setup("fit")
+    return next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=size)))
+
+
+def one_step(model: PrototypicalSSL, step_batch: tuple | None = None) -> torch.Tensor:
+    """One training step outside a trainer (logging and the trainer's clock stubbed)."""
+    model._current_schedule = lambda: model.schedule_at(5, 10, 5)  # past the freeze
+    model.log_dict = lambda *args, **kwargs: None
+    model.log = lambda *args, **kwargs: None
+    loss = model.training_step(step_batch or batch(), 0)
+    loss.backward()
+    return loss
+
+
+# ---------------------------------------------------------------- every host trains
+@pytest.mark.parametrize(
+    ("host", "kind", "extra"),
+    [
+        ("ibot", "joint", {}),
+        ("ibot", "decoupled", {}),
+        ("carp", "joint", {"koleo_weight": 0.1}),
+        ("carp", "decoupled", {}),
+    ],
+)
+def test_host_trains_through_lightning(tmp_path: Path, host: str, kind: str, extra: dict) -> None:
+    model, trainer = fit(tmp_path, host, kind, **extra)
+    assert trainer.global_step == 4
+    losses = logged(tmp_path, "train/loss")
+    assert len(losses) == 4 and all(math.isfinite(v) for _, v in losses)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    terms = ("train/cls_loss", "train/patch_loss") if host == "ibot" else ("train/consistency",)
+    for column in (*terms, "knn/top1", "unique_pct/eps=0.025"):
+        assert column in header, column
+    if host == "carp":
+        assert int(model.objective.num_partitions) == 4  # one fresh partition per step
+    if kind == "decoupled":
+        assert model.gmm.step == 4
+        if host == "ibot" and model.patch_gmm is not None:
+            assert model.patch_gmm.step == 4
+    if extra.get("koleo_weight"):
+        assert "train/koleo" in header
+
+
+@pytest.mark.parametrize(
+    "host", [pytest.param("ibot", marks=pytest.mark.slow), "carp"]
+)  # each is three short fits (~1 minute on a loaded 2-core machine)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, host: str) -> None:
+    # Masks, patch subsets (functions of the step) and CARP's partition counter (a buffer)
+    # must continue exactly where the checkpoint left them.
+    fit(tmp_path / "full", host, "decoupled", epochs=2, ibot_patch_gmm_samples=40)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(
+            tmp_path / "first",
+            host,
+            "decoupled",
+            epochs=2,
+            crash_at_step=6,
+            ibot_patch_gmm_samples=40,
+        )
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
+    resumed, _ = fit(
+        tmp_path / "resumed",
+        host,
+        "decoupled",
+        epochs=2,
+        ckpt_path=str(checkpoint),
+        ibot_patch_gmm_samples=40,
+    )
+    full = dict(logged(tmp_path / "full", "train/loss"))
+    again = dict(logged(tmp_path / "resumed", "train/loss"))
+    assert sorted(again) == [4, 5, 6, 7]
+    for step, loss in again.items():
+        assert loss == pytest.approx(full[step], abs=1e-6), step
+
+
+@pytest.mark.parametrize(
+    ("host", "extra"),
+    [
+        ("ibot", {"ibot_patch_prototypes": "shared", "targets": "posterior"}),
+        ("ibot", {"targets": "posterior", "target_balancing": "sinkhorn"}),
+        ("carp", {"targets": "posterior"}),
+    ],
+)
+def test_decoupled_variants_take_a_finite_step(host: str, extra: dict) -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model(host, "decoupled", **extra)
+    loss = one_step(model)
+    assert math.isfinite(loss.item())
+    assert model.gmm.step == 1
+    if extra.get("ibot_patch_prototypes") == "shared":
+        assert model.patch_gmm is None and model.student_patch_prototypes is model.gmm
+    assert any(p.grad is not None for p in model.student["backbone"].parameters())
+
+
+# ---------------------------------------------------------------- iBOT wiring
+@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_ibot_gradients_reach_the_mask_token_and_the_student_only(kind: str) -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model("ibot", kind)
+    one_step(model)
+    assert model.student["backbone"].mask_token.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+    if kind == "joint":
+        for prototypes in model.learned_prototype_sets():
+            assert prototypes.weight.grad.abs().sum() > 0
+        assert len(model.learned_prototype_sets()) == 2  # [CLS] and separate patch sets
+    else:
+        for mixture in (model.gmm, model.patch_gmm):
+            assert mixture.step == 1 and list(mixture.parameters()) == []
+
+
+def test_ibot_patch_loss_in_the_step_equals_the_objective_on_the_same_tensors() -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model("ibot", "joint", ibot_patch_weight=0.0)
+    twin = tiny_model("ibot", "joint")
+    twin.load_state_dict(model.state_dict())
+    step_batch = batch()
+    views = step_batch[0]
+    # The same masks in both (a function of seed, rank and step): the difference of the two
+    # losses is the patch loss, computed here independently from the same embeddings.
+    masks = model.ibot_masks(2 * views[0].shape[0])
+    assert torch.equal(masks, twin.ibot_masks(2 * views[0].shape[0]))
+    with torch.no_grad():
+        global_views = torch.cat(views[:2])
+        _, teacher_patches = twin.embed_tokens(twin.teacher, global_views)
+        _, patch_tokens = twin.student["backbone"].forward_tokens(global_views, masks)
+        student_masked = twin.student["head"](patch_tokens[masks.flatten(1)])
+        teacher_scores = twin.teacher_patch_prototypes(teacher_patches.flatten(0, 1))
+        targets = torch.softmax(
+            teacher_scores.view(*teacher_patches.shape[:2], -1)[masks.flatten(1)] / 0.07, dim=-1
+        )  # the patch centre starts at 0, tau_t2 = 0.07 without warm-up
+        student_log_p = torch.log_softmax(
+            twin.student_patch_prototypes(student_masked).double() / 0.1, dim=-1
+        )
+        per_token = -(targets.double() * student_log_p).sum(-1)
+        counts = masks.flatten(1).sum(1)
+        per_image = torch.zeros(len(counts), dtype=torch.float64).index_add(
+            0, masks.flatten(1).nonzero()[:, 0], per_token
+        ) / counts.clamp_min(1)
+        expected = per_image.view(2, -1).mean(1).mean().item()
+    with_patch = one_step(twin, step_batch).item()
+    without_patch = one_step(model, step_batch).item()
+    assert with_patch - without_patch == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_ibot_patch_gmm_sees_a_bounded_seeded_subset() -> None:
+    model = tiny_model("ibot", "decoupled", ibot_patch_gmm_samples=30)
+    patches = torch.randn(8, 16, 16)
+    first, again = model.sample_patches(patches), model.sample_patches(patches)
+    assert first.shape == (30, 16) and torch.equal(first, again)
+    rows = {tuple(row.tolist()) for row in patches.flatten(0, 1)}
+    assert all(tuple(row.tolist()) in rows for row in first)
+    assert len({tuple(row.tolist()) for row in first}) == 30  # without replacement
+    other = tiny_model("ibot", "decoupled", ibot_patch_gmm_samples=30, host_seed=1)
+    assert not torch.equal(other.sample_patches(patches), first)
+    assert model.sample_patches(patches[:1]).shape == (16, 16)  # fewer than the bound: all
+
+
+def test_step_seeds_differ_by_purpose_seed_and_step() -> None:
+    model = tiny_model("ibot", "joint")
+    seeds = {model.step_seed("ibot-mask"), model.step_seed("ibot-patch-subset")}
+    seeds.add(tiny_model("ibot", "joint", host_seed=7).step_seed("ibot-mask"))
+    assert len(seeds) == 3
+    masks = model.ibot_masks(16)
+    assert masks.shape == (16, 4, 4) and masks.any()
+
+
+# ---------------------------------------------------------------- KoLeo-proto
+def test_koleo_adds_its_weighted_formula_to_the_host_loss() -> None:
+    L.seed_everything(0, verbose=False)
+    plain = tiny_model("carp", "joint")
+    regularised = tiny_model("carp", "joint", koleo_weight=0.5)
+    regularised.load_state_dict(plain.state_dict())
+    step_batch = batch()
+    difference = one_step(regularised, step_batch).item() - one_step(plain, step_batch).item()
+    # Reference: -(1/K) sum_k log min_j ||c_k - c_j|| on the normalised rows, float64.
+    c = torch.nn.functional.normalize(plain.student["prototypes"].weight.detach().double(), dim=1)
+    distances = torch.cdist(c, c) + torch.diag(torch.full((len(c),), math.inf))
+    expected = -torch.log(distances.min(dim=1).values + 1e-8).mean().item()
+    assert difference == pytest.approx(0.5 * expected, rel=1e-4)
+    assert koleo_proto_loss(c).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_koleo_gradient_pushes_the_nearest_learned_prototypes_apart() -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model("carp", "joint", koleo_weight=1.0, carp_entropy_weight=0.0)
+    weight = model.student["prototypes"].weight
+    with torch.no_grad():
+        weight[1] = weight[0] + 0.01 * torch.randn_like(weight[0])  # a near-duplicate pair
+
+    def nearest() -> float:
+        c = torch.nn.functional.normalize(weight.detach(), dim=1)
+        return torch.cdist(c, c).fill_diagonal_(math.inf).min().item()
+
+    before = nearest()
+    model.zero_grad()
+    koleo = koleo_proto_loss(weight)
+    koleo.backward()
+    with torch.no_grad():
+        weight -= 0.01 * weight.grad
+    assert nearest() > before
+
+
+def test_ibot_joint_koleo_regularises_both_sets() -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model("ibot", "joint", koleo_weight=1.0)
+    assert len(model.learned_prototype_sets()) == 2
+    one_step(model)
+    assert model.student["patch"]["prototypes"].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("host", "kwargs", "culprit"),
+    [
+        ("ibot", {"backbone": "convnet", "backbone_kwargs": {"width": 8}}, "model.host"),
+        ("carp", {"carp_block_size": 5}, "model.carp_block_size"),
+        ("carp", {"carp_block_size": 1}, "model.carp_block_size"),
+        ("ibot", {"ibot_mask_ratio": (0.1, 1.0)}, "model.ibot_mask_ratio"),
+        ("ibot", {"ibot_mask_ratio": (-0.1, 0.5)}, "model.ibot_mask_ratio"),
+        ("ibot", {"ibot_mask_probability": 2.0}, "model.ibot_mask_probability"),
+        ("carp", {"koleo_weight": -0.1, "prototypes": "joint"}, "model.koleo_weight"),
+        ("dino", {"koleo_weight": 0.1}, "model.koleo_weight"),
+        ("dino", {"host": "swav"}, "model.host"),
+        (
+            "ibot",
+            {"ibot_num_patch_prototypes": 16, "ibot_patch_prototypes": "shared"},
+            "model.ibot_num_patch_prototypes",
+        ),
+        ("carp", {"carp_temperature": 0.0}, "model.carp_temperature"),
+    ],
+)
+def test_bad_host_config_names_the_key(host: str, kwargs: dict, culprit: str) -> None:
+    kind = kwargs.pop("prototypes", "decoupled")
+    host = kwargs.pop("host", host)
+    with pytest.raises(ValueError, match=culprit.replace(".", r"\.")) as error:
+        tiny_model(host, kind, **kwargs)
+    assert "\n" not in str(error.value)
