@@ -1,0 +1,120 @@
+"""The host configs, `protogmm fit` with them, and `protogmm demo --host`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from protogmm import cli
+from protogmm.cli import CONFIG_DIR, HOST_PRESETS, main
+from protogmm.training.module import PrototypicalSSL
+
+HOST_CONFIGS = [
+    (host, kind) for host in ("dino", "ibot", "carp") for kind in ("joint", "decoupled")
+]
+
+
+def model_section(name: str) -> dict:
+    return yaml.safe_load((CONFIG_DIR / name).read_text())["model"]
+
+
+@pytest.mark.parametrize(("host", "kind"), HOST_CONFIGS)
+def test_each_host_config_builds_its_model_and_matches_the_demo_preset(
+    host: str, kind: str
+) -> None:
+    config = model_section(f"{host}_{kind}_mnist5k.yaml")
+    assert config.get("host", "dino") == host and config["prototypes"] == kind
+    for key, value in HOST_PRESETS[host].items():
+        assert config[key] == value, key  # the demo and the config train the same model
+    merged = model_section("default.yaml") | config
+    model = PrototypicalSSL(**merged, in_channels=1, image_size=28)
+    assert model.hparams.host == host and (model.gmm is None) == (kind == "joint")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "protogmm.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_fit_with_the_ibot_config_runs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "fit",
+        "--config",
+        str(CONFIG_DIR / "ibot_decoupled_mnist5k.yaml"),
+        "--data.dataset",
+        "synthetic",
+        "--data.synthetic_samples",
+        "32",
+        "--data.batch_size",
+        "16",
+        "--model.num_prototypes",
+        "16",
+        "--model.hidden_dim",
+        "16",
+        "--model.bottleneck_dim",
+        "8",
+        "--model.backbone_kwargs",
+        "{embed_dim: 16, depth: 1, num_heads: 2}",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = (run_dir / "config.yaml").read_text()
+    assert "host: ibot" in config and "ibot_mask_ratio" in config
+    assert "train/patch_loss" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [
+        (["--model.host", "ibot"], "model.host"),  # the default ConvNet has no patch tokens
+        (["--model.ibot_mask_ratio", "[0.2, 1.0]"], "model.ibot_mask_ratio"),
+    ],
+)  # (the other host options' errors are tested in-process in test_hosts.py)
+def test_bad_host_options_are_one_line_errors_before_training(
+    tmp_path: Path, args: list[str], culprit: str
+) -> None:
+    result = run_cli(
+        "fit", *args, "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert culprit in lines[0]
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.slow  # two short ViT runs with the k-NN monitor on MNIST-5k (~1 minute)
+def test_demo_runs_the_chosen_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(
+        cli,
+        "demo_settings",
+        lambda quick: {
+            "max_epochs": 1,
+            "data": {"max_train_samples": 64, "num_local_crops": 2, "batch_size": 32},
+        },
+    )
+    out = tmp_path / "demo"
+    code = main(["demo", "--host", "ibot", "--quick", "--out", str(out), "--num-prototypes", "64"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ibot, joint prototypes" in printed and "| decoupled |" in printed
+    assert (out / "collapse_over_training.png").exists()
+    assert '"backbone": "vit"' in (out / "joint" / "summary.json").read_text()
