@@ -134,6 +134,8 @@ class SkipBadImages(Dataset):
         self.labels = np.asarray(dataset.labels, dtype=np.int64)
         self.classes = dataset.classes
         self.num_classes = len(self.classes)
+        if hasattr(dataset, "samples"):
+            self.samples = dataset.samples  # the (path, label) index, unchanged
         # Per class, its members in dataset order, and each sample's place in that list.
         order = np.argsort(self.labels, kind="stable")
         bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))

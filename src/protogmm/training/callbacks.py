@@ -2,15 +2,25 @@
 
 Each callback only orchestrates: the science lives in the pure-PyTorch bricks
 (:mod:`protogmm.evaluation`, :mod:`protogmm.diagnostics`).
+
+Long-tailed training data (classes in at least two of the many / medium / few groups of
+:meth:`protogmm.training.datamodule.SSLDataModule.frequency_groups`): the k-NN monitor also
+measures the untrained encoder's and raw pixels' per-group accuracy at the start, and the
+run report adds per-group k-NN and linear accuracy and per-group prototype diversity
+(:mod:`protogmm.evaluation.longtail`). Every run writes ``class_counts.json`` and reports
+the image files skipped as unreadable (``data.on_bad_image=skip``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +36,87 @@ from protogmm.diagnostics import (
     unique_prototype_curve,
 )
 from protogmm.diagnostics.plots import plot_collapse_over_training
-from protogmm.evaluation import knn_accuracy
+from protogmm.evaluation import evaluate_long_tail, knn_accuracy, longtail_markdown
 from protogmm.evaluation.features import extract_features
 
 #: The ε sweep logged during training (paper Fig. 3a uses 0.025 ... 0.5).
 TRAINING_EPS = (0.025, 0.1, 0.25, 0.5)
 
 
+#: Linear-probe epochs of the per-group analysis (as ``protogmm eval linear``).
+LONGTAIL_LINEAR_EPOCHS = 100
+
+data_log = logging.getLogger("protogmm.data")
+
+
 def eps_key(eps: float) -> str:
     """Metric name of the unique-prototype percentage at ``eps``."""
     return f"unique_pct/eps={eps:g}"
+
+
+def long_tailed_data(datamodule: Any) -> bool:
+    """Whether the run's data module splits its training classes into >= 2 frequency groups."""
+    return datamodule is not None and bool(getattr(datamodule, "is_long_tailed", lambda: False)())
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm running statistics) and no gradients, then the previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def teacher_long_tail(
+    module: L.LightningModule,
+    datamodule: Any,
+    *,
+    with_prototypes: bool = True,
+    linear_epochs: int = LONGTAIL_LINEAR_EPOCHS,
+) -> dict[str, Any]:
+    """Per-group k-NN / linear accuracy of the teacher backbone and prototype diversity.
+
+    A sample's prototype is the argmax of the teacher's cosine scores of its embedding
+    (backbone, projection head, then the teacher's prototypes: the GMM means when
+    decoupled), the assignment the training targets are built from. The diversity is left
+    out when ``with_prototypes`` is False or a mixture is not fitted yet.
+    """
+    train_loader, test_loader = datamodule.knn_dataloaders()
+    assign = None
+    if with_prototypes and module.prototypes_fitted():
+        head, prototypes = module.teacher["head"], module.teacher_prototypes
+
+        def assign(features: torch.Tensor) -> torch.Tensor:
+            return prototypes(head(features)).argmax(dim=1)
+
+    with evaluating(module):
+        return evaluate_long_tail(
+            datamodule.frequency_groups(),
+            train_loader,
+            test_loader,
+            module.teacher["backbone"],
+            assign=assign,
+            device=module.device,
+            linear_epochs=linear_epochs,
+        )
+
+
+def pixels_long_tail(
+    datamodule: Any, linear_epochs: int = LONGTAIL_LINEAR_EPOCHS
+) -> dict[str, Any]:
+    """Per-group k-NN / linear accuracy of raw pixels (the baseline every number stands by)."""
+    train_loader, test_loader = datamodule.knn_dataloaders()
+    return evaluate_long_tail(
+        datamodule.frequency_groups(),
+        train_loader,
+        test_loader,
+        None,
+        linear_epochs=linear_epochs,
+    )
 
 
 class KNNMonitor(L.Callback):
@@ -50,6 +131,7 @@ class KNNMonitor(L.Callback):
     def __init__(self, every_n_epochs: int = 1) -> None:
         self.every_n_epochs = every_n_epochs
         self.baselines: dict[str, float] = {}
+        self.longtail_baselines: dict[str, dict[str, Any]] = {}
         self.history: list[dict[str, float]] = []
 
     def _accuracy(self, trainer: L.Trainer, encoder: torch.nn.Module | None) -> dict[str, float]:
@@ -75,6 +157,15 @@ class KNNMonitor(L.Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(self.baselines, step=0)
+        if trainer.is_global_zero and long_tailed_data(trainer.datamodule):
+            # Per-group baselines for the run report (rank 0 writes it), measured before
+            # the first step like the overall ones.
+            self.longtail_baselines = {
+                "untrained encoder": teacher_long_tail(
+                    pl_module, trainer.datamodule, with_prototypes=False
+                ),
+                "raw pixels": pixels_long_tail(trainer.datamodule),
+            }
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -96,11 +187,16 @@ class KNNMonitor(L.Callback):
         pl_module.log("knn", accuracy["k20"], prog_bar=True, logger=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baselines": self.baselines, "history": self.history}
+        return {
+            "baselines": self.baselines,
+            "history": self.history,
+            "longtail_baselines": self.longtail_baselines,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baselines = dict(state_dict.get("baselines", {}))
         self.history = list(state_dict.get("history", []))
+        self.longtail_baselines = dict(state_dict.get("longtail_baselines", {}))
 
 
 class CollapseMonitor(L.Callback):
@@ -189,7 +285,17 @@ class RunReport(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The per-class counts of the training split, written before the first step so a
+        # run stopped early still says what it trained on.
+        record = getattr(trainer.datamodule, "class_counts_record", None)
+        if trainer.is_global_zero and record is not None:
+            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(run_dir / "class_counts.json", json.dumps(record(), indent=2))
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        skipped = skipped_images(trainer, pl_module)  # collective under DDP: every rank
         if not trainer.is_global_zero:
             return
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -238,8 +344,49 @@ class RunReport(L.Callback):
                 ("unique prototypes against ε", "unique_vs_eps.png"),
                 ("prototype geometry", "prototype_geometry.png"),
             ]
+        sections = []
+        if skipped:
+            summary["skipped_images"] = {
+                "count": sum(len(paths) for paths in skipped.values()),
+                "by_split": {split: len(paths) for split, paths in skipped.items()},
+                "files": {split: paths[:MAX_LISTED_FILES] for split, paths in skipped.items()},
+            }
+            data_log.warning(
+                "%d unreadable image file(s) were skipped (data.on_bad_image=skip); listed in %s",
+                summary["skipped_images"]["count"],
+                run_dir / "summary.json",
+            )
+        if long_tailed_data(trainer.datamodule):
+            groups = trainer.datamodule.frequency_groups()
+            results = {"trained": teacher_long_tail(pl_module, trainer.datamodule)}
+            if knn is not None:
+                results.update(knn.longtail_baselines)
+            summary["longtail"] = {**groups.as_dict(), "results": results}
+            sections.append(
+                "## Long tail: head / medium / tail\n\n"
+                + longtail_markdown(groups, results, num_prototypes=hp.num_prototypes)
+            )
         write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
-        write_text_atomically(run_dir / "report.md", render_report(summary, plots))
+        write_text_atomically(run_dir / "report.md", render_report(summary, plots, sections))
+
+
+#: Skipped files listed per split in ``summary.json`` (the count covers all of them).
+MAX_LISTED_FILES = 100
+
+
+def skipped_images(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[str]]:
+    """Unreadable files skipped during the run, by split, gathered over all DDP ranks.
+
+    Each rank flags the files its own shard touched; the flags are summed across ranks
+    (a collective: call it on every rank) before the paths are listed.
+    """
+    datamodule = trainer.datamodule
+    if datamodule is None or not hasattr(datamodule, "skipped_images"):
+        return {}
+    for split, flags in sorted(datamodule.skip_flags().items()):
+        total = trainer.strategy.reduce(flags.to(pl_module.device, torch.float32), reduce_op="sum")
+        datamodule.mark_skipped(split, total.cpu() > 0)
+    return datamodule.skipped_images()
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -249,8 +396,13 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def render_report(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
-    """A short Markdown report of one run (what the demo and ``report.md`` show)."""
+def render_report(
+    summary: dict[str, Any], plots: list[tuple[str, str]], sections: list[str] | None = None
+) -> str:
+    """A short Markdown report of one run (what the demo and ``report.md`` show).
+
+    ``sections`` (ready Markdown, e.g. the long-tail tables) go before the plots.
+    """
 
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
@@ -288,6 +440,17 @@ def render_report(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
             "prototypes; near 1 = all at one angle).",
             "",
         ]
+    if "skipped_images" in summary:
+        skipped = summary["skipped_images"]
+        first = next(iter(skipped["files"].values()))[0]
+        by_split = ", ".join(f"{split}: {n}" for split, n in skipped["by_split"].items())
+        lines += [
+            f"Unreadable image files skipped (data.on_bad_image=skip): {skipped['count']} "
+            f"({by_split}), e.g. `{first}`; the list is in summary.json.",
+            "",
+        ]
+    for section in sections or []:
+        lines += [section, ""]
     for title, filename in plots:
         lines += [f"![{title}]({filename})", ""]
     return "\n".join(lines)

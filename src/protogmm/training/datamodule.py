@@ -1,25 +1,81 @@
-"""The Lightning data module: multi-crop training views and the k-NN monitor's splits."""
+"""The Lightning data module: multi-crop training views and the k-NN monitor's splits.
+
+Datasets (``data.dataset``):
+
+- ``mnist5k``: the embedded MNIST-5k (no download), split train / test by
+  ``test_fraction``;
+- ``synthetic``: Gaussian-blob images with a long-tailed class profile (tests);
+- ``folder``: class folders in torchvision's ImageFolder layout under ``data.root``. If
+  ``root/train`` and ``root/val`` (or ``root/test``) exist they are the two splits (and must
+  hold the same class folders); otherwise ``root``'s sub-folders are the classes and a
+  seeded stratified split holds out ``test_fraction`` of each class;
+- ``cifar10`` / ``cifar100``: the python-version pickles under ``data.root`` (official
+  train / test split).
+
+The training split can be subsampled to a long tail (``imbalance_ratio`` > 1,
+:func:`protogmm.data.long_tail_subset`); the held-out split stays as it is (balanced for
+the benchmarks), as in CIFAR-LT and ImageNet-LT. The k-NN monitor's memory bank is the
+(long-tailed) training split. The per-class counts of the training split are written to
+``class_counts.json`` in the run directory (:class:`protogmm.training.callbacks.RunReport`).
+
+Unreadable image files (``folder`` only; the other datasets are arrays) follow
+``on_bad_image`` and ``scan_images``: see :mod:`protogmm.data.bad_images`. Files on disk
+(``folder``, CIFAR) are listed, and scanned when asked, as the data module is built, so
+layout errors and unreadable files stop a run before its trainer starts.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+import logging
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import Compose
 
 from protogmm._checks import check_choice, check_in_range, check_positive_int
-from protogmm.data import EmbeddedMNIST, MultiCropTransform, SyntheticImages, eval_transform
+from protogmm.data import (
+    CIFARImages,
+    ClassFolderImages,
+    ConvertMode,
+    EmbeddedMNIST,
+    LabelledSubset,
+    MultiCropTransform,
+    SkipBadImages,
+    SyntheticImages,
+    TransformedDataset,
+    check_same_classes,
+    drop_bad_images,
+    eval_transform,
+    hash_order,
+    long_tail_subset,
+    scan_images,
+    stratified_split,
+)
+from protogmm.data.longtail import LongTailSubset
+from protogmm.evaluation.longtail import FrequencyGroups, frequency_groups
 
-DatasetName = Literal["mnist5k", "synthetic"]
+DatasetName = Literal["mnist5k", "synthetic", "folder", "cifar10", "cifar100"]
+DATASETS: tuple[str, ...] = ("mnist5k", "synthetic", "folder", "cifar10", "cifar100")
+_FILE_DATASETS = ("folder", "cifar10", "cifar100")
+_HELD_OUT_FOLDERS = ("val", "test")
+
+logger = logging.getLogger("protogmm.data")
 
 
 class SSLDataModule(L.LightningDataModule):
     """Labelled images as multi-crop views for pretraining, plus eval views for k-NN.
 
-    Labels are never used by training; the held-out split feeds the online k-NN monitor.
+    Labels are never used by training; the held-out split feeds the online k-NN monitor and
+    the splits' labels the long-tail analysis of the run report.
 
     Args:
-        dataset: ``"mnist5k"`` (the embedded MNIST-5k, no download) or ``"synthetic"``.
+        dataset: ``"mnist5k"`` (embedded, no download), ``"synthetic"``, ``"folder"``,
+            ``"cifar10"`` or ``"cifar100"`` (see the module docstring).
         batch_size: images per step (per device).
         num_workers: DataLoader worker processes.
         num_local_crops: L, local crops per image (plus 2 global crops).
@@ -27,12 +83,33 @@ class SSLDataModule(L.LightningDataModule):
         local_scale: RandomResizedCrop area range of the local crops.
         local_size: local crop size in pixels (default: 3/7 of the image size, as 96/224).
         flip: random horizontal flips.
-        max_train_samples: use only the first N training images (0: all); for quick runs.
+        max_train_samples: pretrain on only the first N training images (0: all); the
+            k-NN memory bank keeps the whole training split. For quick runs.
         synthetic_samples: size of the synthetic dataset.
         synthetic_classes: classes of the synthetic dataset.
         synthetic_image_size: image size of the synthetic dataset.
         synthetic_imbalance_ratio: long-tail ratio rho of the synthetic dataset.
-        seed: split and shuffling seed (the data order is a function of seed and epoch).
+        seed: split, subsampling and shuffling seed (the data order is a function of seed
+            and epoch).
+        root: the folder of ``folder`` and ``cifar10`` / ``cifar100`` data.
+        image_size: side of the global crops and evaluation images; default the dataset's
+            (28 MNIST-5k, ``synthetic_image_size``, 32 CIFAR); required for ``folder``.
+        in_channels: 1 (grayscale) or 3 (RGB); default the dataset's (1 for MNIST-5k and
+            synthetic, 3 for CIFAR and folders); images are converted to it.
+        test_fraction: held-out share of each class (MNIST-5k, single-folder ``folder``).
+        imbalance_ratio: rho >= 1; above 1 the training split is subsampled to
+            ``n_c = n_max * rho ** (-c / (C - 1))`` images per class (1: unchanged).
+        imbalance_n_max: the head class's count; default the largest the data allows.
+        imbalance_class_order: ``"index"`` (class 0 is the head) or ``"seeded"``.
+        on_bad_image: ``"error"`` (stop, naming the file) or ``"skip"`` (count, log, report,
+            and never shift a label).
+        scan_images: decode every image once before training (``folder``): with ``error``
+            the first bad file and the count are reported before any step; with ``skip``
+            the bad files are dropped from the index.
+        longtail_thresholds: ``(many, few)``: classes with more than ``many`` training
+            images are the head, fewer than ``few`` the tail (the run report's groups).
+        longtail_thresholds_relative: the thresholds are fractions of the largest class's
+            count (for small data, see :mod:`protogmm.evaluation.longtail`).
     """
 
     def __init__(
@@ -51,19 +128,70 @@ class SSLDataModule(L.LightningDataModule):
         synthetic_image_size: int = 16,
         synthetic_imbalance_ratio: float = 1.0,
         seed: int = 0,
+        root: str | None = None,
+        image_size: int | None = None,
+        in_channels: int | None = None,
+        test_fraction: float = 0.2,
+        imbalance_ratio: float = 1.0,
+        imbalance_n_max: int | None = None,
+        imbalance_class_order: Literal["index", "seeded"] = "index",
+        on_bad_image: Literal["error", "skip"] = "error",
+        scan_images: bool = False,
+        longtail_thresholds: tuple[float, float] = (100.0, 20.0),
+        longtail_thresholds_relative: bool = False,
     ) -> None:
         super().__init__()
-        check_choice("data.dataset", dataset, ("mnist5k", "synthetic"))
+        check_choice("data.dataset", dataset, DATASETS)
         check_positive_int("data.batch_size", batch_size)
         check_positive_int("data.num_workers", num_workers, minimum=0)
         check_positive_int("data.num_local_crops", num_local_crops, minimum=0)
         check_positive_int("data.max_train_samples", max_train_samples, minimum=0)
         check_in_range("data.synthetic_imbalance_ratio", synthetic_imbalance_ratio, 1.0, 1e6)
+        check_positive_int("data.seed", seed, minimum=0)
+        check_in_range(
+            "data.test_fraction", test_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False
+        )
+        check_in_range("data.imbalance_ratio", imbalance_ratio, 1.0, 1e6)
+        if imbalance_n_max is not None:
+            check_positive_int("data.imbalance_n_max", imbalance_n_max)
+        check_choice("data.imbalance_class_order", imbalance_class_order, ("index", "seeded"))
+        check_choice("data.on_bad_image", on_bad_image, ("error", "skip"))
+        if not isinstance(scan_images, bool):
+            raise ValueError(f"data.scan_images must be true or false, got {scan_images!r}")
+        if dataset in _FILE_DATASETS:
+            if not root:
+                raise ValueError(f"data.root is required for data.dataset={dataset!r}")
+            if not Path(root).is_dir():
+                raise FileNotFoundError(f"data.root: folder not found: {root}")
+        if len(tuple(longtail_thresholds)) != 2:
+            raise ValueError(
+                f"data.longtail_thresholds must be a pair (many, few), got {longtail_thresholds!r}"
+            )
+        try:
+            frequency_groups(
+                [1], *longtail_thresholds, relative=longtail_thresholds_relative
+            )  # validates the pair
+        except ValueError as error:
+            raise ValueError(f"data.longtail_thresholds: {error}") from None
+
+        native_size = {"mnist5k": 28, "synthetic": synthetic_image_size}.get(dataset, 32)
+        if image_size is None and dataset == "folder":
+            raise ValueError(
+                "data.image_size is required for data.dataset='folder' (e.g. 224 for "
+                "ImageNet-style photos, 32 for CIFAR-sized images)"
+            )
+        native_channels = 1 if dataset in ("mnist5k", "synthetic") else 3
+        image_size = native_size if image_size is None else image_size
+        in_channels = native_channels if in_channels is None else in_channels
+        check_positive_int("data.image_size", image_size, minimum=8)
+        if isinstance(in_channels, bool) or in_channels not in (1, 3):
+            raise ValueError(f"data.in_channels must be 1 or 3, got {in_channels!r}")
         self.save_hyperparameters()
-        if dataset == "mnist5k":
-            self.in_channels, self.image_size = 1, 28
-        else:
-            self.in_channels, self.image_size = 1, synthetic_image_size
+        # Stored resolved, not None: Lightning merges these hparams with the model's, which
+        # get the same values (linked by the CLI), and refuses keys whose values differ.
+        self.save_hyperparameters({"image_size": image_size, "in_channels": in_channels})
+        self.image_size, self.in_channels = image_size, in_channels
+        self.image_mode = "L" if in_channels == 1 else "RGB"
         try:
             self.train_transform = MultiCropTransform(
                 self.image_size,
@@ -77,29 +205,132 @@ class SSLDataModule(L.LightningDataModule):
         except ValueError as error:
             raise ValueError(f"data: {error}") from None
         self._eval_transform = eval_transform(self.image_size, self.in_channels)
+        self._splits: dict[str, Dataset] = {}
+        self._scan_skipped: dict[str, list[str]] = {}
+        self._restored_skips: dict[str, list[str]] = {}
+        self.long_tail: LongTailSubset | None = None
+        if dataset in _FILE_DATASETS:
+            # List (and scan) the files now: a missing folder, mismatched classes or an
+            # unreadable file is then a one-line error before the trainer is even built.
+            self.labelled_split("train")
 
-    def _dataset(self, split: str, transform: object) -> Dataset:
+    # ------------------------------------------------------------------ datasets
+    def _base_splits(self) -> dict[str, Any]:
+        """The labelled train and held-out datasets, untransformed, before any subsampling."""
         hp = self.hparams
         if hp.dataset == "mnist5k":
-            return EmbeddedMNIST(split=split, seed=hp.seed, transform=transform)
-        # The synthetic "test" split is a second draw of the same class templates.
-        return SyntheticImages(
-            num_samples=hp.synthetic_samples if split == "train" else hp.synthetic_samples // 2,
-            num_classes=hp.synthetic_classes,
-            image_size=hp.synthetic_image_size,
-            imbalance_ratio=hp.synthetic_imbalance_ratio,
-            seed=hp.seed,
-            sample_seed=hp.seed + (0 if split == "train" else 1),
-            transform=transform,
+            return {
+                split: EmbeddedMNIST(split=split, test_fraction=hp.test_fraction, seed=hp.seed)
+                for split in ("train", "test")
+            }
+        if hp.dataset == "synthetic":
+            # The synthetic "test" split is a second draw of the same class templates.
+            return {
+                split: SyntheticImages(
+                    num_samples=hp.synthetic_samples
+                    if split == "train"
+                    else hp.synthetic_samples // 2,
+                    num_classes=hp.synthetic_classes,
+                    image_size=hp.synthetic_image_size,
+                    in_channels=self.in_channels,
+                    imbalance_ratio=hp.synthetic_imbalance_ratio,
+                    seed=hp.seed,
+                    sample_seed=hp.seed + (0 if split == "train" else 1),
+                )
+                for split in ("train", "test")
+            }
+        if hp.dataset in ("cifar10", "cifar100"):
+            return {
+                split: CIFARImages(hp.root, split=split, variant=hp.dataset)
+                for split in ("train", "test")
+            }
+        return self._folder_splits(Path(hp.root))
+
+    def _folder_splits(self, root: Path) -> dict[str, Any]:
+        """``root/train`` + ``root/val`` (or ``test``), or one folder split by class."""
+        held_out = next((root / n for n in _HELD_OUT_FOLDERS if (root / n).is_dir()), None)
+        if (root / "train").is_dir():
+            if held_out is None:
+                raise FileNotFoundError(
+                    f"{root / 'train'} found but no {root / 'val'} or {root / 'test'}: add the "
+                    f"held-out split, or set data.root={root / 'train'} to split it by class"
+                )
+            train = self._scanned(ClassFolderImages(root / "train", self.in_channels), "train")
+            test = self._scanned(ClassFolderImages(held_out, self.in_channels), "test")
+            check_same_classes(train.classes, str(root / "train"), test.classes, str(held_out))
+            # Interleave the classes (files are listed class by class), so that a prefix
+            # (max_train_samples) is a sample of every class.
+            return {
+                "train": LabelledSubset(train, hash_order(len(train), self.hparams.seed)),
+                "test": test,
+            }
+        full = self._scanned(ClassFolderImages(root, self.in_channels), "all")
+        train_idx, test_idx = stratified_split(
+            full.labels, self.hparams.test_fraction, self.hparams.seed
         )
+        return {"train": LabelledSubset(full, train_idx), "test": LabelledSubset(full, test_idx)}
+
+    def _scanned(self, dataset: ClassFolderImages, split: str) -> Any:
+        """``dataset``, scanned first when ``scan_images`` is on (bad files: error or drop)."""
+        if not self.hparams.scan_images:
+            return dataset
+        bad = scan_images(dataset)
+        if not bad:
+            return dataset
+        if self.hparams.on_bad_image == "error":
+            raise ValueError(
+                f"data.scan_images: {len(bad)} unreadable image file(s) among {len(dataset)} "
+                f"in {dataset.root}; first: {bad[0].reason}. Remove or replace them, or set "
+                "data.on_bad_image=skip"
+            )
+        logger.warning(
+            "data.scan_images: leaving out %d unreadable image file(s) in %s (first: %s)",
+            len(bad),
+            dataset.root,
+            bad[0].reason,
+        )
+        self._scan_skipped[split] = [b.path for b in bad]
+        return LabelledSubset(dataset, drop_bad_images(dataset, bad))
+
+    def labelled_split(self, split: str) -> Any:
+        """The labelled ``"train"`` (long-tailed if asked) or ``"test"`` split, cached.
+
+        Untransformed (PIL images); with ``on_bad_image="skip"`` wrapped in
+        :class:`protogmm.data.SkipBadImages`.
+        """
+        check_choice("split", split, ("train", "test"))
+        if not self._splits:
+            splits = self._base_splits()
+            hp = self.hparams
+            if hp.imbalance_ratio > 1.0 or hp.imbalance_n_max is not None:
+                train = splits["train"]
+                self.long_tail = long_tail_subset(
+                    train.labels,
+                    hp.imbalance_ratio,
+                    num_classes=len(train.classes),
+                    n_max=hp.imbalance_n_max,
+                    class_order=hp.imbalance_class_order,
+                    seed=hp.seed,
+                    class_names=list(train.classes),
+                )
+                splits["train"] = LabelledSubset(train, self.long_tail.indices)
+            if hp.on_bad_image == "skip" and hp.dataset == "folder":
+                splits = {name: SkipBadImages(ds) for name, ds in splits.items()}
+            self._splits = splits
+        return self._splits[split]
+
+    def _with_transform(self, dataset: Dataset, transform: Any) -> Dataset:
+        if self.hparams.dataset == "folder":  # decoded straight into the right mode
+            return TransformedDataset(dataset, transform)
+        return TransformedDataset(dataset, Compose([ConvertMode(self.image_mode), transform]))
 
     def setup(self, stage: str | None = None) -> None:
-        train = self._dataset("train", self.train_transform)
+        train = self.labelled_split("train")
+        self.labelled_split("test")  # unreadable files and class mismatches fail before fit
         if self.hparams.max_train_samples:
-            from torch.utils.data import Subset
-
-            train = Subset(train, range(min(self.hparams.max_train_samples, len(train))))
-        self.train_set = train
+            train = LabelledSubset(train, range(min(self.hparams.max_train_samples, len(train))))
+        self.train_set = self._with_transform(train, self.train_transform)
+        self.pretraining_labels = np.asarray(train.labels)
 
     def train_dataloader(self) -> DataLoader:
         # A sampler whose order is a function of (seed, epoch) only, so that a resumed run
@@ -128,10 +359,129 @@ class SSLDataModule(L.LightningDataModule):
         """Eval-transformed (train, held-out) loaders for the k-NN monitor."""
         return tuple(
             DataLoader(
-                self._dataset(split, self._eval_transform),
+                self._with_transform(self.labelled_split(split), self._eval_transform),
                 batch_size=512,
                 num_workers=self.hparams.num_workers,
                 shuffle=False,
             )
             for split in ("train", "test")
         )
+
+    # ------------------------------------------------------------------ long tail
+    def train_class_counts(self) -> list[int]:
+        """Training images per class (after long-tail subsampling and dropped files)."""
+        train = self.labelled_split("train")
+        return np.bincount(train.labels, minlength=len(train.classes)).tolist()
+
+    def frequency_groups(self) -> FrequencyGroups:
+        """The training classes split many / medium / few by ``longtail_thresholds``."""
+        many, few = self.hparams.longtail_thresholds
+        return frequency_groups(
+            self.train_class_counts(),
+            many,
+            few,
+            relative=self.hparams.longtail_thresholds_relative,
+        )
+
+    def is_long_tailed(self) -> bool:
+        """True when the frequency groups put the classes in at least two groups.
+
+        The per-group analysis compares groups, so it is run (report, ``diagnose``) only
+        then: balanced data (MNIST-5k) or a mild imbalance within one group is skipped.
+        """
+        return len(self.frequency_groups().non_empty()) >= 2
+
+    def class_counts_record(self) -> dict[str, Any]:
+        """What ``class_counts.json`` holds: the training split's per-class counts."""
+        hp = self.hparams
+        train = self.labelled_split("train")
+        groups = self.frequency_groups()
+        record: dict[str, Any] = {
+            "dataset": hp.dataset,
+            "root": hp.root,
+            "classes": [str(name) for name in train.classes],
+            "counts": self.train_class_counts(),
+            "total": len(train),
+            "held_out_counts": np.bincount(
+                self.labelled_split("test").labels, minlength=len(train.classes)
+            ).tolist(),
+            "long_tail": None,
+            "frequency_groups": groups.as_dict(),
+        }
+        if self.long_tail is not None:
+            record["long_tail"] = {
+                "formula": "n_c = max(1, floor(n_max * rho ** (-rank_c / (C - 1))))",
+                "imbalance_ratio": self.long_tail.imbalance_ratio,
+                "n_max": self.long_tail.n_max,
+                "class_order": self.long_tail.class_order,
+                "ranks": self.long_tail.ranks,
+                "seed": self.long_tail.seed,
+            }
+        if getattr(self, "pretraining_labels", None) is not None and hp.max_train_samples:
+            record["pretraining_counts"] = np.bincount(
+                self.pretraining_labels, minlength=len(train.classes)
+            ).tolist()
+        return record
+
+    # ------------------------------------------------------------------ unreadable files
+    def skipped_images(self) -> dict[str, list[str]]:
+        """Paths of the files skipped so far (scan and first touch), by split, sorted."""
+        skipped: dict[str, set[str]] = {}
+        for split, paths in (*self._scan_skipped.items(), *self._restored_skips.items()):
+            skipped.setdefault(split, set()).update(paths)
+        for split, dataset in self._splits.items():
+            if isinstance(dataset, SkipBadImages):
+                skipped.setdefault(split, set()).update(dataset.skipped_paths())
+        return {split: sorted(paths) for split, paths in skipped.items() if paths}
+
+    def skip_flags(self) -> dict[str, torch.Tensor]:
+        """The first-touch skip flags of each split (to combine across DDP ranks)."""
+        return {
+            split: torch.from_numpy(np.isin(np.arange(len(ds)), ds.skipped_indices()))
+            for split, ds in self._splits.items()
+            if isinstance(ds, SkipBadImages)
+        }
+
+    def mark_skipped(self, split: str, flags: torch.Tensor) -> None:
+        """Record first-touch skips found elsewhere (another DDP rank)."""
+        dataset = self._splits.get(split)
+        if isinstance(dataset, SkipBadImages):
+            dataset.mark_skipped(torch.nonzero(flags).flatten().tolist())
+
+    def state_dict(self) -> dict[str, Any]:
+        # Files skipped before a checkpoint stay counted after resuming from it.
+        return {"skipped_images": self.skipped_images()} if self.skipped_images() else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_skips = {k: list(v) for k, v in state_dict.get("skipped_images", {}).items()}
+
+
+def datamodule_from_checkpoint(path: str | Path, **overrides: Any) -> SSLDataModule:
+    """The data module a ``protogmm fit`` checkpoint was trained with (weights-only read).
+
+    Lightning stores the data module's arguments in the checkpoint
+    (``datamodule_hyper_parameters``); ``overrides`` replace some (e.g. ``root`` when the
+    data moved).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the checkpoint holds no data-module arguments.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (any unpickling failure: one line naming the file)
+        raise ValueError(
+            f"{path}: cannot be read as a weights-only checkpoint ({type(error).__name__})"
+        ) from None
+    stored = (
+        checkpoint.get(SSLDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(checkpoint, dict)
+        else None
+    )
+    if not stored:
+        raise ValueError(f"{path}: holds no data-module arguments; pass --data NAME instead")
+    accepted = set(inspect.signature(SSLDataModule.__init__).parameters) - {"self"}
+    return SSLDataModule(**({k: v for k, v in stored.items() if k in accepted} | overrides))
