@@ -5,7 +5,7 @@
 ``protogmm demo [--quick] [--host dino|ibot|carp]``
     Joint vs decoupled prototypes of one host side by side on the embedded data: one table
     and one plot.
-``protogmm diagnose CKPT [--eps ...] [--out DIR] [--data NAME]``
+``protogmm diagnose CKPT [--eps ...] [--out DIR] [--data NAME|checkpoint [--data-root DIR]]``
     Unique prototypes (Definition 2.1) over an ε sweep, usage, geometry plots; also for
     DINO / iBOT / DINOv2 checkpoints.
 ``protogmm eval knn|linear CKPT --data NAME``
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import inspect
 import io
 import json
 import logging
@@ -47,9 +48,16 @@ from protogmm.diagnostics import (
 from protogmm.diagnostics.plots import plot_collapse_over_training
 from protogmm.evaluation import knn_accuracy, linear_probe
 from protogmm.evaluation.features import extract_features
-from protogmm.training.callbacks import TRAINING_EPS, write_text_atomically
+from protogmm.evaluation.longtail import longtail_markdown
+from protogmm.training.callbacks import (
+    TRAINING_EPS,
+    pixels_long_tail,
+    teacher_long_tail,
+    write_text_atomically,
+)
 from protogmm.training.checkpoints import load_module
-from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.datamodule import DATASETS as DATA_MODULE_DATASETS
+from protogmm.training.datamodule import SSLDataModule, datamodule_from_checkpoint
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.runner import build_trainer, run_callbacks
 
@@ -240,7 +248,10 @@ def run_diagnose(argv: list[str]) -> int:
 
     Reads protogmm's checkpoints and other projects' (DINO, iBOT, DINOv2 heads), weights
     only. With ``--data`` (protogmm checkpoints only) it also measures prototype usage of
-    the teacher's embeddings over the held-out split.
+    the teacher's embeddings over the held-out split and, when the training classes are
+    long-tailed (at least two of the many / medium / few groups), the per-group k-NN and
+    linear accuracy and prototype diversity beside the untrained encoder and raw pixels.
+    ``--data checkpoint`` rebuilds the data the checkpoint was trained on.
     """
     parser = argparse.ArgumentParser(prog="protogmm diagnose", description=run_diagnose.__doc__)
     parser.add_argument("checkpoint", type=Path)
@@ -254,9 +265,19 @@ def run_diagnose(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--data",
-        choices=DATASETS,
+        choices=(*DATA_MODULE_DATASETS, "checkpoint"),
         default=None,
-        help="measure usage on this dataset's held-out split",
+        help="measure usage (and the long tail) on this data; 'checkpoint': the training data",
+    )
+    parser.add_argument(
+        "--data-root", default=None, help="data.root of folder / cifar10 / cifar100 data"
+    )
+    parser.add_argument(
+        "--data-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another data-module argument, e.g. imbalance_ratio=10 (repeatable; JSON values)",
     )
     args = parser.parse_args(argv)
     found = load_prototypes(args.checkpoint, key=args.key)
@@ -274,7 +295,10 @@ def run_diagnose(argv: list[str]) -> int:
         )
     print(markdown_table(header, rows))
     if args.data is not None:
-        print(usage_table(load_module(args.checkpoint), args.data))
+        data = diagnose_datamodule(args.checkpoint, args.data, args.data_root, args.data_arg)
+        module = load_module(args.checkpoint)
+        print(usage_table(module, data))
+        print(long_tail_text(module, load_module(args.checkpoint, trained=False), data))
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-diagnose")
     sizes = {name: m.shape[0] for name, m in found.items()}
     plot_unique_vs_eps(curves, sizes, out / "unique_vs_eps.png")
@@ -285,9 +309,49 @@ def run_diagnose(argv: list[str]) -> int:
     return 0
 
 
-def usage_table(module: PrototypicalSSL, dataset: str) -> str:
-    """Prototype usage of the teacher's embeddings on ``dataset``'s held-out split."""
-    data = SSLDataModule(dataset=dataset)
+def diagnose_datamodule(
+    checkpoint: Path, dataset: str, root: str | None, data_args: list[str]
+) -> SSLDataModule:
+    """The data ``diagnose --data`` measures on: a named dataset, or the checkpoint's own."""
+    overrides: dict[str, Any] = {}
+    known = set(inspect.signature(SSLDataModule.__init__).parameters) - {"self"}
+    for item in data_args:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(
+                f"--data-arg {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}"
+            )
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text  # a bare string, e.g. dataset=folder
+    if root is not None:
+        overrides["root"] = root
+    if dataset == "checkpoint":
+        return datamodule_from_checkpoint(checkpoint, **overrides)
+    return SSLDataModule(**({"dataset": dataset} | overrides))
+
+
+def long_tail_text(module: PrototypicalSSL, untrained: PrototypicalSSL, data: SSLDataModule) -> str:
+    """Per-group accuracy and prototype diversity, or why there is no per-group analysis."""
+    groups = data.frequency_groups()
+    if not data.is_long_tailed():
+        many, few = groups.many_threshold, groups.few_threshold
+        return (
+            f"long tail: every training class falls in one frequency group (many > {many:g}, "
+            f"few < {few:g}; data.longtail_thresholds): no per-group analysis"
+        )
+    results = {
+        "trained": teacher_long_tail(module, data),
+        "untrained encoder": teacher_long_tail(untrained, data, with_prototypes=False),
+        "raw pixels": pixels_long_tail(data),
+    }
+    return longtail_markdown(groups, results, num_prototypes=module.hparams.num_prototypes)
+
+
+def usage_table(module: PrototypicalSSL, data: SSLDataModule) -> str:
+    """Prototype usage of the teacher's embeddings on the data's held-out split."""
+    dataset = data.hparams.dataset
     _, test_loader = data.knn_dataloaders()
     accumulator = UsageAccumulator(module.hparams.num_prototypes)
     tau = module.hparams.teacher_temperature

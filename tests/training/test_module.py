@@ -238,12 +238,32 @@ def test_posterior_targets_are_tempered_and_optionally_balanced() -> None:
     )
     posterior[:, 0] += 5.0
     posterior = posterior / posterior.sum(1, keepdim=True)  # every sample prefers component 0
-    plain = tiny_model("decoupled", targets="posterior")
+    with pytest.warns(UserWarning, match="target_balancing"):
+        plain = tiny_model("decoupled", targets="posterior")
     torch.testing.assert_close(plain.posterior_targets(posterior), posterior)
-    soft = tiny_model("decoupled", targets="posterior", posterior_temperature=2.0)
+    with pytest.warns(UserWarning, match="target_balancing"):
+        soft = tiny_model("decoupled", targets="posterior", posterior_temperature=2.0)
     expected = torch.softmax(posterior.log() / 2.0, dim=1)
     torch.testing.assert_close(soft.posterior_targets(posterior), expected)
     balanced = tiny_model("decoupled", targets="posterior", target_balancing="sinkhorn")
     targets = balanced.posterior_targets(posterior)
     torch.testing.assert_close(targets.sum(1), torch.ones(64), atol=1e-5, rtol=0)
     assert float(targets.sum(0).max()) < 0.5 * float(posterior.sum(0).max())
+
+
+def test_posterior_targets_warn_without_balancing_only() -> None:
+    """The measured failure (one-hot targets, early representation collapse) is flagged."""
+    import warnings
+
+    from protogmm.training.module import POSTERIOR_WITHOUT_BALANCING
+
+    with pytest.warns(UserWarning) as record:
+        tiny_model("decoupled", targets="posterior", target_balancing="none")
+    assert [str(w.message) for w in record] == [POSTERIOR_WITHOUT_BALANCING]
+    assert "model.targets" in POSTERIOR_WITHOUT_BALANCING
+    assert "model.target_balancing" in POSTERIOR_WITHOUT_BALANCING
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_model("decoupled", targets="posterior", target_balancing="sinkhorn")
+        tiny_model("decoupled", targets="host")
+        tiny_model("joint")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -47,6 +48,15 @@ from protogmm.schedules import cosine_ramp, linear_ramp, warmup_cosine
 
 PrototypeKind = Literal["joint", "decoupled"]
 Targets = Literal["host", "posterior"]
+
+#: Why ``targets="posterior"`` wants ``target_balancing="sinkhorn"`` (measured, BENCHMARKS.md
+#: "What we tried" and "Decoupling at small scale").
+POSTERIOR_WITHOUT_BALANCING = (
+    "model.targets='posterior' with model.target_balancing='none': the GMM posterior is "
+    "nearly one-hot (0.12 nats per sample on MNIST-5k vs 4.1 with Sinkhorn) and an early "
+    "probe saw the encoder collapse onto 17 of 1024 components; "
+    "set model.target_balancing='sinkhorn' unless you are studying this"
+)
 Balancing = Literal["none", "sinkhorn"]
 Host = Literal["dino", "ibot", "carp"]
 PatchPrototypes = Literal["shared", "separate"]
@@ -203,6 +213,8 @@ class PrototypicalSSL(L.LightningModule):
             "model.posterior_temperature", posterior_temperature, 0.0, math.inf, low_inclusive=False
         )
         check_choice("model.target_balancing", target_balancing, ("none", "sinkhorn"))
+        if targets == "posterior" and target_balancing == "none" and prototypes == "decoupled":
+            warnings.warn(POSTERIOR_WITHOUT_BALANCING, UserWarning, stacklevel=2)
         self._check_host_arguments(locals())
         self.save_hyperparameters()
 
