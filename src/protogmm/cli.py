@@ -1,7 +1,8 @@
 """The ``protogmm`` command.
 
 ``protogmm fit --config FILE [--section.key value ...]``
-    Pretrain with LightningCLI (YAML configs, dotted overrides, ``--ckpt_path`` to resume).
+    Pretrain with LightningCLI (YAML configs, dotted overrides, ``--ckpt_path`` to resume);
+    multi-process with ``--trainer.devices N --trainer.strategy ddp`` or under ``torchrun``.
 ``protogmm demo [--quick] [--host dino|ibot|carp]``
     Joint vs decoupled prototypes of one host side by side on the embedded data: one table
     and one plot.
@@ -28,11 +29,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from protogmm.diagnostics import (
     DEFAULT_EPS,
@@ -58,8 +61,10 @@ from protogmm.training.callbacks import (
 from protogmm.training.checkpoints import load_module
 from protogmm.training.datamodule import DATASETS as DATA_MODULE_DATASETS
 from protogmm.training.datamodule import SSLDataModule, datamodule_from_checkpoint
+from protogmm.training.distributed import check_launch
 from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer, run_callbacks
+from protogmm.training.reliability import NonFiniteError, check_resume_compatible
+from protogmm.training.runner import build_trainer, run_callbacks, with_atomic_checkpoints
 
 DATASETS = ("mnist5k", "synthetic")
 
@@ -78,9 +83,23 @@ class ProtoCLI(LightningCLI):
             default=None,
             help="checkpoint to resume from (e.g. RUN/checkpoints/last.ckpt)",
         )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=0,
+            help="also write last.ckpt every N steps (0: at epoch ends only); resumes exactly",
+        )
+        parser.add_argument(
+            "--on_nonfinite",
+            type=Literal["stop", "skip"],
+            default="stop",
+            help="a non-finite input batch or loss stops the run (default) or skips the step",
+        )
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config.trainer
+        # Under torchrun the process layout must match the launcher's (one line if not).
+        trainer.devices = check_launch(trainer.devices, trainer.num_nodes, trainer.accelerator)
         if trainer.logger in (None, True):
             # metrics.csv directly in the run directory (see training/runner.py)
             run_dir = trainer.default_root_dir or "runs/default"
@@ -89,6 +108,16 @@ class ProtoCLI(LightningCLI):
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": run_dir, "name": "", "version": ""},
             }
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # The run's callbacks depend on two fit options; checkpoints are written atomically.
+        self.trainer_defaults["callbacks"] = run_callbacks(
+            checkpoint_every_n_steps=self.config.checkpoint_every_n_steps,
+            on_nonfinite=self.config.on_nonfinite,
+        )
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        kwargs["plugins"] = with_atomic_checkpoints(plugins)
+        return super().instantiate_trainer(**kwargs)
 
 
 @contextlib.contextmanager
@@ -113,7 +142,10 @@ def _one_line(text: str) -> str:
 
 
 def run_fit(args: list[str]) -> int:
-    """``protogmm fit``: parse and build with LightningCLI, then fit (resuming if asked)."""
+    """``protogmm fit``: parse and build with LightningCLI, then fit (resuming if asked).
+
+    Returns 0, or 3 when the non-finite guard stopped the run (its message on stderr).
+    """
     captured = io.StringIO()
     try:
         # Parsing and building print argparse's usage on error; keep only its message.
@@ -125,7 +157,7 @@ def run_fit(args: list[str]) -> int:
                 args=args,
                 run=False,
                 trainer_defaults={
-                    "callbacks": run_callbacks(),
+                    "callbacks": [],  # set from the fit options in ProtoCLI.instantiate_trainer
                     "default_root_dir": "runs/default",
                     "log_every_n_steps": 1,
                     "num_sanity_val_steps": 0,
@@ -139,7 +171,30 @@ def run_fit(args: list[str]) -> int:
             sys.stdout.write(captured.getvalue())
             return 0
         raise ConfigError(_one_line(captured.getvalue())) from None
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    except MisconfigurationException as error:  # e.g. more GPUs asked for than present
+        raise ConfigError(" ".join(str(error).split())) from None
+    ckpt_path = cli.config.ckpt_path
+    if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry"):
+        # Before any process starts or any step runs: a checkpoint of another configuration
+        # or process layout is a one-line error; other differences are one warning line.
+        notes = check_resume_compatible(
+            ckpt_path, cli.model.hparams, cli.datamodule.hparams, cli.trainer.world_size
+        )
+        if notes and rank_zero_only.rank == 0:
+            print(
+                "protogmm fit: resuming with changed settings, not an exact continuation: "
+                + "; ".join(notes),
+                file=sys.stderr,
+            )
+    # Lightning's own launcher (--trainer.devices N without torchrun) starts the other ranks
+    # by re-running this command line; main() shortened sys.argv, so give it back whole.
+    sys.argv = [sys.argv[0], "fit", *args]
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except NonFiniteError as error:
+        rank = f" (rank {cli.trainer.global_rank})" if cli.trainer.world_size > 1 else ""
+        print(f"protogmm fit{rank}: stopped: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

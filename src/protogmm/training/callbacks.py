@@ -135,14 +135,20 @@ class KNNMonitor(L.Callback):
         self.history: list[dict[str, float]] = []
 
     def _accuracy(self, trainer: L.Trainer, encoder: torch.nn.Module | None) -> dict[str, float]:
-        train_loader, test_loader = trainer.datamodule.knn_dataloaders()
-        device = trainer.lightning_module.device
-        train_x, train_y = extract_features(encoder, train_loader, device)
-        test_x, test_y = extract_features(encoder, test_loader, device)
-        return {
-            "k20": knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07),
-            "k200": knn_accuracy(train_x, train_y, test_x, test_y, k=200, temperature=0.1),
-        }
+        # Under DDP rank 0 measures (its model is the one the checkpoints hold; the others'
+        # BatchNorm statistics differ) over the whole bank, and every rank receives its
+        # numbers, so all ranks log the same accuracy and agree on the best checkpoint.
+        accuracy = None
+        if trainer.is_global_zero:
+            train_loader, test_loader = trainer.datamodule.knn_dataloaders()
+            device = trainer.lightning_module.device
+            train_x, train_y = extract_features(encoder, train_loader, device)
+            test_x, test_y = extract_features(encoder, test_loader, device)
+            accuracy = {
+                "k20": knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07),
+                "k200": knn_accuracy(train_x, train_y, test_x, test_y, k=200, temperature=0.1),
+            }
+        return trainer.strategy.broadcast(accuracy, src=0)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.baselines or trainer.global_step > 0:
@@ -289,16 +295,18 @@ class RunReport(L.Callback):
         # The per-class counts of the training split, written before the first step so a
         # run stopped early still says what it trained on.
         record = getattr(trainer.datamodule, "class_counts_record", None)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
         if trainer.is_global_zero and record is not None:
-            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            run_dir = Path(log_dir or trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomically(run_dir / "class_counts.json", json.dumps(record(), indent=2))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         skipped = skipped_images(trainer, pl_module)  # collective under DDP: every rank
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir = Path(log_dir or trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         knn = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), None)
         collapse = next((c for c in trainer.callbacks if isinstance(c, CollapseMonitor)), None)

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose
 
 from protogmm._checks import check_choice, check_in_range, check_positive_int
@@ -58,6 +58,7 @@ from protogmm.data import (
 )
 from protogmm.data.longtail import LongTailSubset
 from protogmm.evaluation.longtail import FrequencyGroups, frequency_groups
+from protogmm.training.reliability import ResumableDataLoader, ResumableDistributedSampler
 
 DatasetName = Literal["mnist5k", "synthetic", "folder", "cifar10", "cifar100"]
 DATASETS: tuple[str, ...] = ("mnist5k", "synthetic", "folder", "cifar10", "cifar100")
@@ -335,10 +336,12 @@ class SSLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # A sampler whose order is a function of (seed, epoch) only, so that a resumed run
         # sees the same batches as the uninterrupted one (Lightning calls set_epoch).
-        # Under DDP each rank takes its own shard (DistributedSampler's usual split).
+        # Under DDP each rank takes its own shard (DistributedSampler's usual split). The
+        # loader's position within the epoch is checkpointed, so a mid-epoch resume
+        # continues with the next batch (training/reliability.py).
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = DistributedSampler(
+        sampler = ResumableDistributedSampler(
             self.train_set,
             num_replicas=world_size,
             rank=rank,
@@ -346,7 +349,7 @@ class SSLDataModule(L.LightningDataModule):
             seed=self.hparams.seed,
             drop_last=True,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.hparams.batch_size,
             sampler=sampler,

@@ -135,6 +135,10 @@ class PrototypicalSSL(L.LightningModule):
         carp_entropy_weight: CARP: weight of KL(mean assignment || uniform) per block (1).
     """
 
+    #: The run's :class:`~protogmm.training.reliability.NonFiniteGuard` (it installs itself
+    #: during fit): while its ``skip_step`` is set the step trains nothing.
+    step_guard: Any = None
+
     def __init__(
         self,
         backbone: str = "convnet",
@@ -482,6 +486,9 @@ class PrototypicalSSL(L.LightningModule):
     # ------------------------------------------------------------------ one training step
     def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
         views, _ = batch
+        if self.step_guard is not None and self.step_guard.skip_step:
+            # Skipped by the guard (non-finite input): a zero loss, no update (see the guard).
+            return self.step_guard.skipped_step_loss(self)
         schedule = self._current_schedule()
         if self.hparams.host == "ibot":
             loss, targets, metrics = self.ibot_step(views, schedule)
@@ -719,10 +726,16 @@ class PrototypicalSSL(L.LightningModule):
                 for param in prototypes.parameters():
                     param.grad = None
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # 6. The teacher follows the student (its step's momentum, DINO's cosine schedule).
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.step_guard is not None and self.step_guard.skip_step:
+            return  # a skipped step moves nothing, the teacher included
+        # 6. The teacher follows the student (its step's momentum, DINO's cosine schedule),
+        #    right after the optimizer step: callbacks' on_train_batch_end (e.g. a mid-epoch
+        #    checkpoint) run before the module's, and must see the step complete. The step
+        #    counter moves after this hook, so global_step is still this step's.
         momentum = self.schedule_at(
-            self.global_step - 1,
+            self.global_step,
             int(self.trainer.estimated_stepping_batches),
             self.steps_per_epoch(),
         )["teacher_momentum"]

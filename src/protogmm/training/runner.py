@@ -3,7 +3,9 @@
 A run directory holds ``config.yaml`` (CLI runs), ``metrics.csv``, ``checkpoints/``
 (``last.ckpt`` and the best k-NN checkpoint), ``summary.json``, ``report.md`` and the
 collapse-over-training plot. Both ``protogmm fit`` and ``protogmm demo`` build their
-trainers here.
+trainers here, with the same callbacks: monitors, checkpoints written atomically
+(:class:`~protogmm.training.reliability.AtomicCheckpointIO`), the non-finite guard and the
+DDP bookkeeping (:class:`~protogmm.training.distributed.DistributedRun`).
 """
 
 from __future__ import annotations
@@ -12,18 +14,43 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from protogmm._checks import check_positive_int
 from protogmm.training.callbacks import CollapseMonitor, KNNMonitor, RunReport
+from protogmm.training.distributed import DistributedRun
+from protogmm.training.reliability import (
+    AtomicCheckpointIO,
+    DataPosition,
+    NonFiniteAction,
+    NonFiniteGuard,
+)
 
 
-def run_callbacks(dense_every_n_steps: int = 10) -> list[L.Callback]:
-    """Monitors, report and checkpoints of every run (checkpoints go to ``run/checkpoints``)."""
-    return [
+def run_callbacks(
+    dense_every_n_steps: int = 10,
+    checkpoint_every_n_steps: int = 0,
+    on_nonfinite: NonFiniteAction = "stop",
+) -> list[L.Callback]:
+    """Monitors, report, guard and checkpoints of every run (in ``run/checkpoints``).
+
+    Args:
+        dense_every_n_steps: the collapse monitor's period during its dense first epoch(s).
+        checkpoint_every_n_steps: also write ``last.ckpt`` every this many steps (0: at
+            epoch ends only). Mid-epoch checkpoints resume exactly (the data position is
+            saved), so a crash costs at most this many steps.
+        on_nonfinite: ``"stop"`` or ``"skip"`` (see :class:`NonFiniteGuard`).
+    """
+    check_positive_int("checkpoint_every_n_steps", checkpoint_every_n_steps, minimum=0)
+    callbacks: list[L.Callback] = [
         RunReport(),  # first: its epoch timer stops before the monitors' evaluation work
         KNNMonitor(),
         CollapseMonitor(dense_every_n_steps=dense_every_n_steps),
+        NonFiniteGuard(on_nonfinite),
+        DistributedRun(),
+        DataPosition(),
         ModelCheckpoint(
             save_last=True,
             monitor="knn/top1",
@@ -32,6 +59,27 @@ def run_callbacks(dense_every_n_steps: int = 10) -> list[L.Callback]:
             auto_insert_metric_name=False,
         ),
     ]
+    if checkpoint_every_n_steps:
+        # A second writer of last.ckpt, on steps (Lightning's step and epoch triggers are
+        # mutually exclusive within one ModelCheckpoint).
+        callbacks.append(
+            ModelCheckpoint(
+                save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every_n_steps
+            )
+        )
+    return callbacks
+
+
+def with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """``plugins`` plus :class:`AtomicCheckpointIO`, unless they hold a CheckpointIO already."""
+    if plugins is None:
+        plugins = []
+    elif not isinstance(plugins, (list, tuple)):
+        plugins = [plugins]
+    plugins = list(plugins)
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def run_logger(run_dir: str | Path) -> CSVLogger:
@@ -40,13 +88,22 @@ def run_logger(run_dir: str | Path) -> CSVLogger:
 
 
 def build_trainer(run_dir: str | Path, **trainer_kwargs: Any) -> L.Trainer:
-    """A Trainer writing into ``run_dir`` with the standard callbacks and logger."""
-    dense = trainer_kwargs.pop("dense_every_n_steps", 10)
+    """A Trainer writing into ``run_dir`` with the standard callbacks, logger and atomic IO.
+
+    ``dense_every_n_steps``, ``checkpoint_every_n_steps`` and ``on_nonfinite`` go to
+    :func:`run_callbacks`; every other keyword goes to :class:`lightning.Trainer`.
+    """
+    callbacks = run_callbacks(
+        trainer_kwargs.pop("dense_every_n_steps", 10),
+        trainer_kwargs.pop("checkpoint_every_n_steps", 0),
+        trainer_kwargs.pop("on_nonfinite", "stop"),
+    )
     trainer_kwargs.setdefault("log_every_n_steps", 1)
     trainer_kwargs.setdefault("num_sanity_val_steps", 0)
+    trainer_kwargs["plugins"] = with_atomic_checkpoints(trainer_kwargs.get("plugins"))
     return L.Trainer(
         default_root_dir=str(run_dir),
         logger=run_logger(run_dir),
-        callbacks=run_callbacks(dense) + list(trainer_kwargs.pop("callbacks", [])),
+        callbacks=callbacks + list(trainer_kwargs.pop("callbacks", [])),
         **trainer_kwargs,
     )

@@ -1,0 +1,169 @@
+"""Exact resume: a run interrupted mid-epoch and resumed equals the uninterrupted run.
+
+Deterministic CPU, tiny models on 16 px synthetic data (4 steps per epoch). The checkpoint
+is written every 3 steps, so the resumed run starts 3 batches into epoch 0: it must
+restore the model, the teacher, the optimizer, the schedules (functions of the step), the
+mixture and the centre, the RNG streams and the data position.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.reliability import ResumableDataLoader, ResumableDistributedSampler
+from protogmm.training.runner import build_trainer
+
+TINY_MODEL = {
+    "backbone": "convnet",
+    "backbone_kwargs": {"width": 8},
+    "num_prototypes": 32,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+    "warmup_epochs": 0.5,
+    "freeze_prototypes_epochs": 0.5,
+    "in_channels": 1,
+    "image_size": 16,
+}
+
+
+def tiny_data() -> SSLDataModule:
+    return SSLDataModule(
+        dataset="synthetic",
+        batch_size=16,
+        num_local_crops=2,
+        synthetic_samples=64,
+        synthetic_image_size=16,
+    )
+
+
+class CrashAtStep(L.Callback):
+    """Simulates a killed job when the run reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def fit(
+    run_dir: Path,
+    model_kwargs: dict,
+    ckpt_path: Path | None = None,
+    crash_at_step: int | None = None,
+) -> tuple[PrototypicalSSL, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    model = PrototypicalSSL(**(TINY_MODEL | model_kwargs))
+    trainer = build_trainer(
+        run_dir,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        dense_every_n_steps=2,
+        checkpoint_every_n_steps=3,
+        callbacks=[CrashAtStep(crash_at_step)] if crash_at_step is not None else [],
+    )
+    trainer.fit(model, datamodule=tiny_data(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as handle:
+        return {
+            int(row["step"]): float(row["train/loss"])
+            for row in csv.DictReader(handle)
+            if row.get("train/loss")
+        }
+
+
+@pytest.mark.parametrize(
+    "model_kwargs",
+    [
+        {"prototypes": "decoupled"},
+        {"prototypes": "decoupled", "targets": "posterior", "target_balancing": "sinkhorn"},
+        {"prototypes": "joint"},
+    ],
+    ids=["decoupled-host", "decoupled-posterior", "joint"],
+)
+def test_mid_epoch_resume_equals_the_uninterrupted_run(tmp_path: Path, model_kwargs: dict) -> None:
+    full_model, full_trainer = fit(tmp_path / "full", model_kwargs)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "crashed", model_kwargs, crash_at_step=5)
+    checkpoint_path = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    assert checkpoint["global_step"] == 3  # 3 of epoch 0's 4 batches: mid-epoch
+    position = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert position == {"epoch": 0, "batches": 3, "batches_per_epoch": 4}
+
+    resumed_model, resumed_trainer = fit(tmp_path / "resumed", model_kwargs, checkpoint_path)
+
+    full_losses, resumed_losses = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed_losses) == [3, 4, 5, 6, 7]
+    for step, loss in resumed_losses.items():
+        assert math.isfinite(loss)
+        assert loss == pytest.approx(full_losses[step], abs=1e-6, rel=0), step
+    full_state, resumed_state = full_model.state_dict(), resumed_model.state_dict()
+    assert list(full_state) == list(resumed_state)
+    for name, value in full_state.items():  # student, teacher, GMM buffers, centre
+        torch.testing.assert_close(resumed_state[name], value, atol=1e-6, rtol=0, msg=name)
+    full_optimizer = full_trainer.optimizers[0].state_dict()["state"]
+    resumed_optimizer = resumed_trainer.optimizers[0].state_dict()["state"]
+    for index, state in full_optimizer.items():
+        for key, value in state.items():
+            torch.testing.assert_close(
+                resumed_optimizer[index][key], value, atol=1e-6, rtol=0, msg=f"{index}.{key}"
+            )
+    assert resumed_trainer.global_step == full_trainer.global_step == 8
+
+
+def loader(num_workers: int, seed: int = 3) -> ResumableDataLoader:
+    data = TensorDataset(torch.arange(40))
+    sampler = ResumableDistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=seed)
+    return ResumableDataLoader(data, batch_size=4, sampler=sampler, num_workers=num_workers)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_data_position_survives_a_new_loader(num_workers: int) -> None:
+    reference = loader(num_workers)
+    reference.sampler.set_epoch(1)
+    epoch = [batch[0].tolist() for batch in reference]
+    assert len(epoch) == len(reference) == 5
+
+    interrupted = loader(num_workers)
+    interrupted.sampler.set_epoch(1)
+    iterator = iter(interrupted)
+    seen = [next(iterator)[0].tolist() for _ in range(2)]
+    state = interrupted.state_dict()
+    assert seen == epoch[:2]
+    assert state == {"epoch": 1, "batches": 2, "batches_per_epoch": 5}
+
+    resumed = loader(num_workers)
+    resumed.load_state_dict(state)
+    iterator = iter(resumed)  # Lightning calls iter() before it sets the epoch on resume
+    resumed.sampler.set_epoch(1)
+    rng = torch.get_rng_state()
+    assert [batch[0].tolist() for batch in iterator] == epoch[2:]
+    # The uninterrupted run drew the worker base seed at the epoch's start, not mid-epoch.
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert resumed.state_dict() == {"epoch": 1, "batches": 5, "batches_per_epoch": 5}
+    assert len(resumed) == 5  # the loop counts the resumed epoch against its full length
+    resumed.sampler.set_epoch(2)  # the next epoch starts from its beginning
+    assert len([batch for batch in resumed]) == 5
+
+
+def test_a_loader_needs_the_resumable_sampler() -> None:
+    with pytest.raises(ValueError, match="ResumableDistributedSampler"):
+        ResumableDataLoader(TensorDataset(torch.arange(4)), batch_size=2)
