@@ -1,0 +1,419 @@
+"""Two processes (gloo on CPU) under torchrun: one mixture, one centre, one model.
+
+Each test launches this file under ``torchrun --standalone --nproc_per_node=2`` in its own
+session with a hard timeout (a hang fails instead of blocking), lets every rank write what
+it holds, and compares in pytest:
+
+* after k steps the GMM buffers, the DINO centre and the student's (and teacher's)
+  weights are bit-identical on the two ranks, and equal, within float tolerance, to one
+  process that trains on the same global batches (models without BatchNorm, whose batch
+  statistics are per rank without SyncBatchNorm, which gloo lacks);
+* the non-finite guard decides together: a NaN on one rank skips the step on both;
+* the real data module and run callbacks: disjoint shards, per-rank augmentation streams,
+  one checkpoint with every rank's RNG state, the same k-NN numbers on every rank;
+* (slow) a DDP run resumed mid-epoch equals the uninterrupted one on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.distributed import DistributedRun, synchronised_state
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.reliability import NonFiniteGuard, read_checkpoint
+from protogmm.training.runner import build_trainer
+
+WORLD = 2
+PER_RANK = 8  # images per rank and step
+STEPS = 3
+#: One process vs two: summation order only (relative to 1 + |value|).
+FLOAT_TOLERANCE = 1e-5
+
+BATCH_NORM_FREE = {
+    "backbone": "convnet",
+    "backbone_kwargs": {"width": 8, "norm": "none"},
+    "head_bn": False,
+    "num_prototypes": 32,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+    "in_channels": 1,
+    "image_size": 16,
+    "lr": 0.001,
+    "warmup_epochs": 0.0,
+    "freeze_prototypes_epochs": 0.0,
+}
+TINY_DATA = {
+    "dataset": "synthetic",
+    "batch_size": PER_RANK,
+    "num_local_crops": 2,
+    "synthetic_samples": 64,
+    "synthetic_image_size": 16,
+}
+
+
+# ---------------------------------------------------------------------- shared by both sides
+def fixed_inputs(path: Path) -> None:
+    """Initial models (mixture already fitted) and the global batches of every step."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(STEPS):
+        views = [torch.randn(WORLD * PER_RANK, 1, 16, 16, generator=generator) for _ in range(2)]
+        views += [torch.randn(WORLD * PER_RANK, 1, 8, 8, generator=generator) for _ in range(2)]
+        batches.append(views)
+    models = {}
+    for kind in ("decoupled", "joint"):
+        torch.manual_seed(0)
+        model = PrototypicalSSL(prototypes=kind, **BATCH_NORM_FREE)
+        if model.gmm is not None:
+            # Fitted before training on the same embeddings everywhere: the comparison is
+            # about the online updates (rank 0 alone seeds a fresh mixture under DDP).
+            model.gmm.update(torch.randn(256, 16, generator=generator))
+        models[kind] = model.state_dict()
+    torch.save({"batches": batches, "models": models}, path)
+
+
+class FixedBatches(L.LightningDataModule):
+    """This rank's slice of fixed global batches (``poison``: NaN in a rank's slice)."""
+
+    def __init__(
+        self, batches: list[list[torch.Tensor]], rank: int, world: int, poison: tuple | None
+    ) -> None:
+        super().__init__()
+        per_rank = batches[0][0].shape[0] // world
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        self.items = []
+        for step, views in enumerate(batches):
+            views = [view.clone() for view in views]
+            if poison is not None and poison[0] == step:
+                poisoned_row = poison[1] * PER_RANK  # first image of that rank's slice
+                views[0][poisoned_row].fill_(float("nan"))
+            views = [view[rows] for view in views]
+            self.items.append((views, torch.zeros(per_rank, dtype=torch.long)))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=None, shuffle=False)
+
+
+def fixed_batch_fit(
+    inputs: dict[str, Any], kind: str, world: int, rank: int, poison: tuple | None = None
+) -> tuple[PrototypicalSSL, NonFiniteGuard]:
+    """``STEPS`` steps on the fixed batches, on ``world`` processes (1: the reference)."""
+    model = PrototypicalSSL(prototypes=kind, **BATCH_NORM_FREE)
+    model.load_state_dict(inputs["models"][kind])
+    guard = NonFiniteGuard("skip")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp" if world > 1 else "auto",
+        max_epochs=1,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=[guard, DistributedRun()],
+    )
+    trainer.fit(model, datamodule=FixedBatches(inputs["batches"], rank, world, poison))
+    return model, guard
+
+
+def state_of(model: PrototypicalSSL) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in synchronised_state(model).items()}
+
+
+def synthetic_fit(run_dir: Path, **kwargs: Any) -> tuple[PrototypicalSSL, L.Trainer]:
+    """The real path: SSLDataModule, build_trainer's callbacks, two processes."""
+    crash_at, ckpt = kwargs.pop("crash_at", None), kwargs.pop("ckpt", None)
+    L.seed_everything(0, verbose=False)
+    model = PrototypicalSSL(
+        backbone_kwargs={"width": 8},
+        num_prototypes=32,
+        hidden_dim=32,
+        bottleneck_dim=16,
+        in_channels=1,
+        image_size=16,
+        warmup_epochs=0.5,
+    )
+    callbacks = [CrashAtStep(crash_at)] if crash_at is not None else []
+    trainer = build_trainer(
+        run_dir,
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        deterministic=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+    trainer.fit(model, datamodule=SSLDataModule(**TINY_DATA), ckpt_path=ckpt)
+    return model, trainer
+
+
+class CrashAtStep(L.Callback):
+    """Every rank raises at ``step`` (a killed job, seen from the next start)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+# ---------------------------------------------------------------------- the worker
+def worker(out: Path, scenarios: list[str]) -> None:
+    """Runs on every rank under torchrun; writes ``<scenario>-rank<r>.pt`` files."""
+    rank = int(os.environ["RANK"])
+    inputs = (
+        torch.load(out / "inputs.pt", weights_only=True) if (out / "inputs.pt").exists() else {}
+    )
+    if "fixed" in scenarios:
+        for kind in ("decoupled", "joint"):
+            model, _ = fixed_batch_fit(inputs, kind, WORLD, rank)
+            torch.save(state_of(model), out / f"fixed-{kind}-rank{rank}.pt")
+    if "skip" in scenarios:
+        model, guard = fixed_batch_fit(inputs, "decoupled", WORLD, rank, poison=(1, 1))
+        result = {"state": state_of(model), "skipped": torch.tensor(guard.skipped_steps)}
+        torch.save(result, out / f"skip-rank{rank}.pt")
+    if "synthetic" in scenarios:
+        model, trainer = synthetic_fit(out / "run", max_epochs=1, checkpoint_every_n_steps=2)
+        loader = trainer.train_dataloader
+        loader.sampler.set_epoch(0)
+        knn = next(c for c in trainer.callbacks if hasattr(c, "baselines"))
+        result = {
+            "state": state_of(model),
+            "indices": torch.tensor(list(loader.sampler)),
+            "knn": torch.tensor(
+                [row["top1"] for row in knn.history] + list(knn.baselines.values())
+            ),
+        }
+        torch.save(result, out / f"synthetic-rank{rank}.pt")
+    if "resume" in scenarios:
+        full, _ = synthetic_fit(out / "full", max_epochs=2)
+        try:
+            synthetic_fit(out / "crashed", max_epochs=2, checkpoint_every_n_steps=3, crash_at=5)
+        except RuntimeError as error:
+            assert "simulated crash" in str(error)
+        ckpt = out / "crashed" / "checkpoints" / "last.ckpt"
+        resumed, _ = synthetic_fit(out / "resumed", max_epochs=2, ckpt=ckpt)
+        torch.save(
+            {"full": state_of(full), "resumed": state_of(resumed)}, out / f"resume-rank{rank}.pt"
+        )
+
+
+# ---------------------------------------------------------------------- the tests
+def launch(out: Path, *scenarios: str, timeout: float = 420) -> None:
+    """This file's worker on 2 processes; kills the whole session on timeout."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        __file__,
+        str(out),
+        *scenarios,
+    ]
+    log = out / "torchrun.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail(f"2-process run hung (>{timeout}s): {log.read_text()[-3000:]}")
+    assert process.returncode == 0, log.read_text()[-5000:]
+
+
+def load(out: Path, name: str, rank: int) -> Any:
+    return torch.load(out / f"{name}-rank{rank}.pt", weights_only=True)
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> None:
+    """``|a - b| <= tol * (1 + |b|)`` elementwise (counts such as ``gmm.mix_count`` are large)."""
+    assert a.keys() == b.keys()
+    differences = {
+        name: float(
+            ((a[name].double() - b[name].double()).abs() / (1 + b[name].double().abs())).max()
+        )
+        for name in a
+        if a[name].numel()
+    }
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= tol, f"{worst} differs by {differences[worst]:.3g}"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    fixed_inputs(out / "inputs.pt")
+    launch(out, "fixed", "skip", "synthetic")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["decoupled", "joint"])
+def test_two_ranks_hold_one_model_equal_to_one_process(two_ranks: Path, kind: str) -> None:
+    rank0, rank1 = (load(two_ranks, f"fixed-{kind}", rank) for rank in range(WORLD))
+    assert_bit_identical(rank0, rank1)
+    inputs = torch.load(two_ranks / "inputs.pt", weights_only=True)
+    single, _ = fixed_batch_fit(inputs, kind, world=1, rank=0)
+    reference = state_of(single)
+    assert_close(rank0, reference, FLOAT_TOLERANCE)
+    initial = inputs["models"][kind]
+    moved = [
+        name
+        for name in reference
+        if name in initial and not torch.equal(initial[name], reference[name])
+    ]
+    synchronised = (
+        {"gmm.mean", "gmm.stat_sum", "objective.center"}
+        if kind == "decoupled"
+        else {"objective.center", "student.prototypes.weight"}
+    )
+    assert synchronised <= set(moved)  # the compared state did train
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks: Path) -> None:
+    rank0, rank1 = (load(two_ranks, "skip", rank) for rank in range(WORLD))
+    assert rank0["skipped"].tolist() == rank1["skipped"].tolist() == [1]
+    assert_bit_identical(rank0["state"], rank1["state"])
+    inputs = torch.load(two_ranks / "inputs.pt", weights_only=True)
+    single, guard = fixed_batch_fit(inputs, "decoupled", world=1, rank=0, poison=(1, 1))
+    assert guard.skipped_steps == [1]
+    assert_close(rank0["state"], state_of(single), FLOAT_TOLERANCE)
+
+
+def test_the_run_path_under_ddp(two_ranks: Path) -> None:
+    rank0, rank1 = (load(two_ranks, "synthetic", rank) for rank in range(WORLD))
+    assert_bit_identical(rank0["state"], rank1["state"])
+    # Disjoint shards of one epoch's permutation, 4 batches of 8 each.
+    assert len(rank0["indices"]) == len(rank1["indices"]) == 32
+    assert not set(rank0["indices"].tolist()) & set(rank1["indices"].tolist())
+    # Rank 0 measures k-NN and every rank logs its numbers.
+    assert torch.equal(rank0["knn"], rank1["knn"]) and len(rank0["knn"]) == 5
+    checkpoint = read_checkpoint(two_ranks / "run" / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4
+    run = checkpoint["protogmm_run"]
+    assert run["world_size"] == 2 and len(run["rng"]) == 2
+    assert not torch.equal(run["rng"][0]["torch"], run["rng"][1]["torch"])  # own streams
+    saved = {name: checkpoint["state_dict"][name] for name in rank0["state"]}
+    assert_bit_identical(saved, rank0["state"])
+
+
+CLI_FIT = [
+    "fit",
+    "--data.dataset=synthetic",
+    "--data.synthetic_samples=64",
+    "--data.synthetic_image_size=16",
+    f"--data.batch_size={PER_RANK}",
+    "--model.num_prototypes=32",
+    "--model.hidden_dim=32",
+    "--model.bottleneck_dim=16",
+    "--model.backbone_kwargs={width: 8}",
+    "--trainer.max_epochs=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def run_in_session(command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own session; on timeout kill the session (every rank) and fail."""
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"hung (>{timeout}s): {output[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+def assert_two_process_run(run_dir: Path) -> None:
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert checkpoint["protogmm_run"]["world_size"] == 2
+    assert checkpoint["global_step"] == 64 // (2 * PER_RANK)  # one epoch of 2 x 8 images
+    for name in ("config.yaml", "metrics.csv", "summary.json", "report.md"):
+        assert (run_dir / name).exists(), name
+
+
+def test_fit_on_two_processes_with_lightnings_launcher(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_in_session(
+        [
+            sys.executable,
+            "-m",
+            "protogmm.cli",
+            *CLI_FIT,
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            f"--trainer.default_root_dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=420,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert_two_process_run(run_dir)
+
+
+@pytest.mark.slow
+def test_fit_under_torchrun(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_in_session(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "protogmm.cli",
+            *CLI_FIT,
+            "--trainer.devices=auto",  # torchrun's --nproc_per_node
+            f"--trainer.default_root_dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=420,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert_two_process_run(run_dir)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_resumed_mid_epoch_equals_the_uninterrupted_one(tmp_path: Path) -> None:
+    launch(tmp_path, "resume", timeout=600)
+    for rank in range(WORLD):
+        result = load(tmp_path, "resume", rank)
+        assert_close(result["resumed"], result["full"], 1e-6)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]), sys.argv[2:])
