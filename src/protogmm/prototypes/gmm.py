@@ -261,6 +261,13 @@ class OnlineGMM(PrototypeSet):
             call. Hosts with ``targets="posterior"`` use them as teacher targets, so the
             E-step is never computed twice.
         """
+        # All of it in float32 under autocast too: the statistics' product (and the k-means
+        # of the initialisation) would otherwise run in bf16/fp16.
+        device_type = h.device.type if isinstance(h, Tensor) else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._update(h)
+
+    def _update(self, h: Tensor) -> Tensor:
         h = self._check_embeddings(h, update_center=True)
         if not bool(self.initialized):
             if not self._collect_for_init(h):

@@ -1,0 +1,128 @@
+"""Mixed precision: the mixture and the losses' softmaxes stay in float32 under autocast.
+
+CPU bfloat16 autocast stands in for ``bf16-mixed`` / ``16-mixed`` on GPU (the same autocast
+machinery; Lightning maps ``16-mixed`` on CPU to ``bf16-mixed``). Inputs are tiny: bf16
+kernels are slow on this CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from protogmm.objectives import DINOLoss
+from protogmm.prototypes import OnlineGMM
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.reliability import NonFiniteGuard
+
+TINY_MODEL = {
+    "backbone": "convnet",
+    "backbone_kwargs": {"width": 8},
+    "num_prototypes": 32,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+    "in_channels": 1,
+    "image_size": 16,
+}
+TINY_DATA = {
+    "dataset": "synthetic",
+    "batch_size": 8,
+    "num_local_crops": 2,
+    "synthetic_samples": 20,  # 2 steps of 8 (the held-out half needs >= 10)
+    "synthetic_image_size": 16,
+}
+
+
+def bf16_autocast() -> torch.autocast:
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
+def test_the_mixture_ignores_autocast() -> None:
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 16, generator=generator)
+    plain = OnlineGMM(32, 16)
+    plain.update(h)  # fitted
+    under_autocast = copy.deepcopy(plain)
+    next_batch = torch.randn(64, 16, generator=generator)
+    expected = plain.update(next_batch)
+    with bf16_autocast():
+        posterior = under_autocast.update(next_batch)
+        scores = under_autocast(next_batch.bfloat16())
+    assert posterior.dtype == torch.float32 and torch.equal(posterior, expected)
+    for name, buffer in under_autocast.named_buffers():
+        assert buffer.dtype == getattr(plain, name).dtype, name
+        assert torch.equal(buffer, getattr(plain, name)), name
+    assert under_autocast.mean.dtype == torch.float32
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, plain(next_batch.bfloat16().float()), atol=0, rtol=0)
+
+
+def test_the_dino_softmaxes_run_in_float32_under_autocast() -> None:
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 8, 32, generator=generator).bfloat16()
+    teacher = torch.randn(2, 8, 32, generator=generator).bfloat16()
+    loss_fn = DINOLoss(32)
+    with bf16_autocast():
+        targets = loss_fn.teacher_distribution(teacher, 0.04)
+        loss = loss_fn(student, teacher_probs=targets)
+    assert targets.dtype == loss.dtype == torch.float32
+    # Exactly the float32 computation on the same (bf16-rounded) scores.
+    reference_targets = DINOLoss(32).teacher_distribution(teacher.float(), 0.04)
+    assert torch.equal(targets, reference_targets)
+    assert torch.equal(loss, DINOLoss(32)(student.float(), teacher_probs=reference_targets))
+
+
+@pytest.mark.parametrize("kind", ["decoupled", "joint"])
+def test_a_bf16_training_step_matches_float32(kind: str) -> None:
+    data = SSLDataModule(**TINY_DATA)
+    data.setup("fit")
+    views, labels = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=8)))
+    torch.manual_seed(0)
+    model = PrototypicalSSL(prototypes=kind, **TINY_MODEL)
+    if model.gmm is not None:  # fitted already: the step is an online update, not a seeding
+        model.gmm.update(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)))
+    model._current_schedule = lambda: model.schedule_at(0, 10, 5)
+    model.log_dict = lambda *args, **kwargs: None
+    model.log = lambda *args, **kwargs: None
+    bf16_model = copy.deepcopy(model)
+    bf16_model._current_schedule = lambda: bf16_model.schedule_at(0, 10, 5)
+    full = model.training_step((views, labels), 0)
+    with bf16_autocast():
+        mixed = bf16_model.training_step((views, labels), 0)
+    assert full.dtype == mixed.dtype == torch.float32
+    assert math.isfinite(float(mixed))
+    # bf16 keeps 8 bits of mantissa: the backbone's activations move the loss by < 2 %.
+    assert float(mixed) == pytest.approx(float(full), rel=0.02)
+    for name, buffer in bf16_model.named_buffers():
+        if buffer.is_floating_point():
+            assert buffer.dtype == torch.float32, name
+    if kind == "decoupled":
+        torch.testing.assert_close(bf16_model.gmm.mean, model.gmm.mean, atol=0.01, rtol=0)
+
+
+def test_fit_with_bf16_mixed_keeps_the_mixture_in_float32(tmp_path) -> None:
+    L.seed_everything(0, verbose=False)
+    model = PrototypicalSSL(**TINY_MODEL)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        precision="bf16-mixed",
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NonFiniteGuard()],  # would stop on a non-finite loss or statistic
+    )
+    trainer.fit(model, datamodule=SSLDataModule(**TINY_DATA))
+    assert trainer.global_step == 2 and model.gmm.step == 2
+    for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float32, name
+            assert bool(torch.isfinite(tensor).all()), name
