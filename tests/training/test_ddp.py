@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from protogmm.objectives.balancing import sinkhorn_knopp
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.distributed import DistributedRun, synchronised_state
 from protogmm.training.module import PrototypicalSSL
@@ -53,6 +54,17 @@ BATCH_NORM_FREE = {
     "warmup_epochs": 0.0,
     "freeze_prototypes_epochs": 0.0,
 }
+#: The compared variants: DINO targets on the mixture, the mixture's posterior balanced by
+#: Sinkhorn-Knopp (all-reduced column sums), and joint prototypes.
+VARIANTS = {
+    "decoupled": {"prototypes": "decoupled"},
+    "posterior-sinkhorn": {
+        "prototypes": "decoupled",
+        "targets": "posterior",
+        "target_balancing": "sinkhorn",
+    },
+    "joint": {"prototypes": "joint"},
+}
 TINY_DATA = {
     "dataset": "synthetic",
     "batch_size": PER_RANK,
@@ -72,15 +84,22 @@ def fixed_inputs(path: Path) -> None:
         views += [torch.randn(WORLD * PER_RANK, 1, 8, 8, generator=generator) for _ in range(2)]
         batches.append(views)
     models = {}
-    for kind in ("decoupled", "joint"):
+    for kind, variant in VARIANTS.items():
         torch.manual_seed(0)
-        model = PrototypicalSSL(prototypes=kind, **BATCH_NORM_FREE)
+        model = PrototypicalSSL(**variant, **BATCH_NORM_FREE)
         if model.gmm is not None:
             # Fitted before training on the same embeddings everywhere: the comparison is
             # about the online updates (rank 0 alone seeds a fresh mixture under DDP).
             model.gmm.update(torch.randn(256, 16, generator=generator))
         models[kind] = model.state_dict()
     torch.save({"batches": batches, "models": models}, path)
+
+
+def sinkhorn_logits() -> torch.Tensor:
+    """``[32, 8]`` logits; rows 16-31 (rank 1's) are shifted up by 5."""
+    logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(3)) * 3
+    logits[16:] += 5.0
+    return logits
 
 
 class FixedBatches(L.LightningDataModule):
@@ -109,7 +128,7 @@ def fixed_batch_fit(
     inputs: dict[str, Any], kind: str, world: int, rank: int, poison: tuple | None = None
 ) -> tuple[PrototypicalSSL, NonFiniteGuard]:
     """``STEPS`` steps on the fixed batches, on ``world`` processes (1: the reference)."""
-    model = PrototypicalSSL(prototypes=kind, **BATCH_NORM_FREE)
+    model = PrototypicalSSL(**VARIANTS[kind], **BATCH_NORM_FREE)
     model.load_state_dict(inputs["models"][kind])
     guard = NonFiniteGuard("skip")
     trainer = L.Trainer(
@@ -181,9 +200,13 @@ def worker(out: Path, scenarios: list[str]) -> None:
         torch.load(out / "inputs.pt", weights_only=True) if (out / "inputs.pt").exists() else {}
     )
     if "fixed" in scenarios:
-        for kind in ("decoupled", "joint"):
+        for kind in VARIANTS:
             model, _ = fixed_batch_fit(inputs, kind, WORLD, rank)
             torch.save(state_of(model), out / f"fixed-{kind}-rank{rank}.pt")
+        # Sinkhorn-Knopp on this rank's rows of one logits matrix whose rank-1 half peaks
+        # higher (each rank would otherwise shift its exponentials by a different max).
+        logits = sinkhorn_logits()[rank * 16 : (rank + 1) * 16]
+        torch.save(sinkhorn_knopp(logits), out / f"sinkhorn-rank{rank}.pt")
     if "skip" in scenarios:
         model, guard = fixed_batch_fit(inputs, "decoupled", WORLD, rank, poison=(1, 1))
         result = {"state": state_of(model), "skipped": torch.tensor(guard.skipped_steps)}
@@ -273,7 +296,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", ["decoupled", "joint"])
+@pytest.mark.parametrize("kind", list(VARIANTS))
 def test_two_ranks_hold_one_model_equal_to_one_process(two_ranks: Path, kind: str) -> None:
     rank0, rank1 = (load(two_ranks, f"fixed-{kind}", rank) for rank in range(WORLD))
     assert_bit_identical(rank0, rank1)
@@ -287,12 +310,19 @@ def test_two_ranks_hold_one_model_equal_to_one_process(two_ranks: Path, kind: st
         for name in reference
         if name in initial and not torch.equal(initial[name], reference[name])
     ]
-    synchronised = (
-        {"gmm.mean", "gmm.stat_sum", "objective.center"}
-        if kind == "decoupled"
-        else {"objective.center", "student.prototypes.weight"}
-    )
-    assert synchronised <= set(moved)  # the compared state did train
+    trained = {
+        "decoupled": {"gmm.mean", "gmm.stat_sum", "objective.center"},
+        "posterior-sinkhorn": {"gmm.mean", "gmm.stat_sum"},
+        "joint": {"objective.center", "student.prototypes.weight"},
+    }[kind]
+    assert trained <= set(moved)  # the compared state did train
+    assert any(name.startswith("student.backbone.") for name in moved)
+
+
+def test_sinkhorn_balances_over_the_global_batch(two_ranks: Path) -> None:
+    per_rank = [torch.load(two_ranks / f"sinkhorn-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    expected = sinkhorn_knopp(sinkhorn_logits())
+    torch.testing.assert_close(torch.cat(per_rank), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks: Path) -> None:

@@ -41,8 +41,13 @@ def sinkhorn_knopp(logits: Tensor, num_iters: int = 3) -> Tensor:
     check_positive_int("num_iters", num_iters)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         q = logits.float()
-        q = torch.exp(q - q.max()).T  # [K, N]
         world = _world_size()
+        peak = q.max()
+        if world > 1:
+            # One shift for all ranks: per-rank shifts would scale each rank's samples
+            # differently in the all-reduced column sums below.
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        q = torch.exp(q - peak).T  # [K, N]
         num_prototypes, num_samples = q.shape[0], q.shape[1] * world
         total = q.sum()
         if world > 1:
