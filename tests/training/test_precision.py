@@ -77,13 +77,28 @@ def test_the_dino_softmaxes_run_in_float32_under_autocast() -> None:
     assert torch.equal(loss, DINOLoss(32)(student.float(), teacher_probs=reference_targets))
 
 
-@pytest.mark.parametrize("kind", ["decoupled", "joint"])
-def test_a_bf16_training_step_matches_float32(kind: str) -> None:
+TINY_VIT = {
+    "backbone": "vit",
+    "backbone_kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+    "head_bn": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("host", "kind", "extra"),
+    [
+        ("dino", "decoupled", {}),
+        ("dino", "joint", {}),
+        ("carp", "decoupled", {"carp_block_size": 8}),
+        ("ibot", "decoupled", TINY_VIT),
+    ],
+)
+def test_a_bf16_training_step_matches_float32(host: str, kind: str, extra: dict) -> None:
     data = SSLDataModule(**TINY_DATA)
     data.setup("fit")
     views, labels = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=8)))
     torch.manual_seed(0)
-    model = PrototypicalSSL(prototypes=kind, **TINY_MODEL)
+    model = PrototypicalSSL(host=host, prototypes=kind, **(TINY_MODEL | extra))
     if model.gmm is not None:  # fitted already: the step is an online update, not a seeding
         model.gmm.update(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)))
     model._current_schedule = lambda: model.schedule_at(0, 10, 5)
