@@ -55,7 +55,8 @@ BATCH_NORM_FREE = {
     "freeze_prototypes_epochs": 0.0,
 }
 #: The compared variants: DINO targets on the mixture, the mixture's posterior balanced by
-#: Sinkhorn-Knopp (all-reduced column sums), and joint prototypes.
+#: Sinkhorn-Knopp (all-reduced column sums), joint prototypes, and CARP (all-reduced block
+#: assignments) on the mixture.
 VARIANTS = {
     "decoupled": {"prototypes": "decoupled"},
     "posterior-sinkhorn": {
@@ -64,6 +65,7 @@ VARIANTS = {
         "target_balancing": "sinkhorn",
     },
     "joint": {"prototypes": "joint"},
+    "carp": {"host": "carp", "prototypes": "decoupled", "carp_block_size": 8},
 }
 TINY_DATA = {
     "dataset": "synthetic",
@@ -314,6 +316,7 @@ def test_two_ranks_hold_one_model_equal_to_one_process(two_ranks: Path, kind: st
         "decoupled": {"gmm.mean", "gmm.stat_sum", "objective.center"},
         "posterior-sinkhorn": {"gmm.mean", "gmm.stat_sum"},
         "joint": {"objective.center", "student.prototypes.weight"},
+        "carp": {"gmm.mean", "gmm.stat_sum", "objective.num_partitions"},
     }[kind]
     assert trained <= set(moved)  # the compared state did train
     assert any(name.startswith("student.backbone.") for name in moved)

@@ -32,11 +32,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from protogmm.objectives import DINOLoss
+from protogmm.objectives import CARPLoss, DINOLoss, IBOTPatchLoss
 from protogmm.prototypes import OnlineGMM
 
-#: Modules whose buffers are all-reduced (or broadcast) by their own code under DDP.
-SYNCHRONISED_MODULES: tuple[type[nn.Module], ...] = (OnlineGMM, DINOLoss)
+#: Modules whose buffers are kept equal on every rank by their own code under DDP: the
+#: mixture and the centres are all-reduced (the mixture's seeding broadcast), CARP's
+#: partition counter advances once per step everywhere.
+SYNCHRONISED_MODULES: tuple[type[nn.Module], ...] = (OnlineGMM, DINOLoss, IBOTPatchLoss, CARPLoss)
 
 #: Key of the run-level state protogmm adds to every checkpoint.
 CHECKPOINT_KEY = "protogmm_run"
