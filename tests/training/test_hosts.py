@@ -178,6 +178,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, host: str) -> N
     [
         ("ibot", {"ibot_patch_prototypes": "shared", "targets": "posterior"}),
         ("ibot", {"targets": "posterior", "target_balancing": "sinkhorn"}),
+        ("ibot", {"head_bn": True}),  # BN in the head: every patch token is projected
         ("carp", {"targets": "posterior"}),
     ],
 )
