@@ -266,6 +266,20 @@ def test_step_seeds_differ_by_purpose_seed_and_step() -> None:
     assert masks.shape == (16, 4, 4) and masks.any()
 
 
+@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_diagnose_reads_the_separate_patch_prototypes(tmp_path: Path, kind: str) -> None:
+    from protogmm.diagnostics import load_prototypes
+
+    model = tiny_model("ibot", kind, ibot_num_patch_prototypes=24)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "run.ckpt")
+    shapes = {name: tuple(m.shape) for name, m in load_prototypes(tmp_path / "run.ckpt").items()}
+    if kind == "joint":
+        assert shapes["teacher/patch.prototypes"] == (24, 16)
+        assert shapes["teacher/prototypes"] == (32, 16)
+    else:
+        assert shapes == {"gmm": (32, 16), "patch.gmm": (24, 16)}
+
+
 # ---------------------------------------------------------------- KoLeo-proto
 def test_koleo_adds_its_weighted_formula_to_the_host_loss() -> None:
     L.seed_everything(0, verbose=False)
