@@ -11,6 +11,8 @@ import csv
 import datetime
 import json
 import platform
+import re
+import resource
 import shlex
 import statistics
 import sys
@@ -106,8 +108,14 @@ def train_run(
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = load_run(run_dir)
     summary["wall_seconds"] = time.perf_counter() - start
+    return summary
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run's ``summary.json`` plus the rows of its ``metrics.csv`` (``rows``)."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
     with open(Path(run_dir) / "metrics.csv", newline="") as handle:
         summary["rows"] = [
             {key: float(value) for key, value in row.items() if value not in ("", None)}
@@ -119,3 +127,65 @@ def train_run(
 def column(summary: dict[str, Any], key: str) -> list[float]:
     """The logged values of one metric of a :func:`train_run` result, in step order."""
     return [row[key] for row in summary["rows"] if key in row]
+
+
+class PeakMemory:
+    """The peak memory of a block of code: ``with PeakMemory(device) as memory: ...``.
+
+    On CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``, reset at the start)
+    and what was allocated at the start. On CPU: the resident set's high-water mark
+    (``VmHWM``), reset at the start to the current resident set by writing ``5`` to
+    ``/proc/self/clear_refs`` (Linux), so the peak is the block's own and not an earlier
+    one. Where that reset is unavailable the process's ``ru_maxrss`` (its peak since it
+    started) stands in and ``exact`` is False. Measure in a fresh process when the numbers
+    of several configurations must not see each other's allocator caches.
+
+    Attributes:
+        start_mib: memory at the start of the block (resident set, or CUDA allocated), MiB.
+        peak_mib: the highest memory during the block, MiB.
+        increase_mib: ``peak_mib - start_mib``: what the block added at its peak.
+        exact: False when the CPU peak could not be reset (see above).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.start_mib = self.peak_mib = 0.0
+        self.exact = True
+
+    @property
+    def increase_mib(self) -> float:
+        return self.peak_mib - self.start_mib
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mib = torch.cuda.memory_allocated() / 2**20
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.start_mib = _proc_status_mib("VmRSS")
+        except (OSError, ValueError):
+            self.exact = False
+            self.start_mib = _max_rss_mib()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.peak_mib = _proc_status_mib("VmHWM") if self.exact else _max_rss_mib()
+
+
+def _proc_status_mib(field: str) -> float:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if match is None:
+        raise ValueError(f"/proc/self/status has no {field}")
+    return int(match.group(1)) / 1024
+
+
+def _max_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024

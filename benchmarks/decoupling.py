@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     column,
     command_line,
+    load_run,
     machine_line,
     mean_std,
     replace_section,
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=Path("docs/decoupling-collapse.png"))
     parser.add_argument("--quick", action="store_true", help="1 epoch on 256 images, 1 seed")
     parser.add_argument(
+        "--reuse", action="store_true", help="keep finished runs of the same budget in --out"
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
     )
     args = parser.parse_args(argv)
@@ -143,39 +147,43 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ablations = {label: ABLATIONS[label] for label in args.ablations}
 
+    def run_one(label: str, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
+        if (label, seed) in results:
+            return results[(label, seed)]
+        run_dir = args.out / f"{label.replace(' ', '_')}-seed{seed}"
+        done = run_dir / "summary.json"
+        if args.reuse and done.exists() and load_run(run_dir).get("epochs") == args.epochs:
+            print(f"=== {label}, seed {seed}: reusing {run_dir}", flush=True)
+            return load_run(run_dir)
+        print(f"=== {label}, seed {seed} -> {run_dir}", flush=True)
+        return train_run(run_dir, epochs=args.epochs, seed=seed, model=overrides, data=data)
+
     def run_all(configs: dict[str, dict[str, Any]], seeds: list[int]) -> list[list[str]]:
-        rows = []
-        for label, overrides in configs.items():
-            runs = []
-            for seed in seeds:
-                run_dir = args.out / f"{label.replace(' ', '_')}-seed{seed}"
-                print(f"=== {label}, seed {seed} -> {run_dir}", flush=True)
-                runs.append(
-                    train_run(run_dir, epochs=args.epochs, seed=seed, model=overrides, data=data)
-                )
-                results[(label, seed)] = runs[-1]
-            rows.append(row(label, overrides, runs))
-        return rows
+        # Seeds outside, configurations inside: a run cut short still has matched pairs.
+        runs: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}
+        for seed in seeds:
+            for label, overrides in configs.items():
+                runs[label].append(run_one(label, overrides, seed))
+                results[(label, seed)] = runs[label][-1]
+        return [row(label, overrides, runs[label]) for label, overrides in configs.items()]
 
-    results: dict[tuple[str, int], dict[str, Any]] = {}
-    main_rows = run_all(MAIN, args.seeds)
-    first = [results[("joint", s)] for s in args.seeds]
-    main_rows.append(
-        ["untrained encoder", "", mean_std([r["knn/untrained"] for r in first], 100)]
-        + [mean_std([r["knn/untrained_k200"] for r in first], 100)]
-        + [""] * (len(HEADER) - 4)
-    )
-    main_rows.append(
-        ["raw pixels", "", mean_std([r["knn/pixels"] for r in first], 100)]
-        + [mean_std([r["knn/pixels_k200"] for r in first], 100)]
-        + [""] * (len(HEADER) - 4)
-    )
-    seed0 = args.seeds[0]
-    histories = {label: results[(label, seed0)]["rows"] for label in MAIN}
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    plot_collapse_over_training(histories, EPS, args.plot)
+    def baseline_rows(seeds: list[int]) -> list[list[str]]:
+        first = [results[("joint", s)] for s in seeds]
+        return [
+            ["untrained encoder", "", mean_std([r["knn/untrained"] for r in first], 100)]
+            + [mean_std([r["knn/untrained_k200"] for r in first], 100)]
+            + [""] * (len(HEADER) - 4),
+            ["raw pixels", "", mean_std([r["knn/pixels"] for r in first], 100)]
+            + [mean_std([r["knn/pixels_k200"] for r in first], 100)]
+            + [""] * (len(HEADER) - 4),
+        ]
 
-    def section(ablation_rows: list[list[str]], ablations_done: bool) -> str:
+    def section(
+        main_rows: list[list[str]],
+        seeds: list[int],
+        ablation_rows: list[list[str]],
+        ablations_done: bool,
+    ) -> str:
         if ablation_rows:
             ablation_text = table(ablation_rows)
             if not ablations_done:
@@ -187,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                 "## Decoupling at small scale (joint vs decoupled DINO, MNIST-5k)",
                 f"Command: `{command_line()}`  \nMachine: {machine_line()}  \n"
                 f"Budget: {args.epochs} epochs, batch 128, 2 global + 2 local crops, ConvNet, "
-                f"K = 1024 unless stated, d = 128; seeds {args.seeds} "
+                f"K = 1024 unless stated, d = 128; seeds {seeds} of {args.seeds} "
                 f"(ablations: seeds {args.ablation_seeds}). "
                 "Mean ± std over seeds. Entropies in nats (log K = 6.93): per-sample and "
                 "batch-mean entropy of the teacher targets at the last step; 'used' = distinct "
                 "argmax targets in the last batch.",
                 table(main_rows),
-                f"Unique prototypes over training (seed {seed0}): ![collapse]({args.plot})",
+                f"Unique prototypes over training (seed {args.seeds[0]}): ![collapse]({args.plot})",
                 "### Levers on the joint baseline, ablations of the decoupled design",
                 ablation_text,
             ]
@@ -204,13 +212,22 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_write and not args.quick:
             replace_section("decoupling", text)
 
-    # The head-to-head is written as soon as it is measured; each ablation row as it lands.
+    # The head-to-head is written after every seed; each ablation row as it lands.
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for count in range(1, len(args.seeds) + 1):
+        seeds = args.seeds[:count]
+        main_rows = run_all(MAIN, seeds) + baseline_rows(seeds)
+        if count == 1:
+            histories = {label: results[(label, seeds[0])]["rows"] for label in MAIN}
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_collapse_over_training(histories, EPS, args.plot)
+        publish(section(main_rows, seeds, [], not args.ablation_seeds))
     ablation_rows: list[list[str]] = []
-    publish(section(ablation_rows, not args.ablation_seeds))
     if args.ablation_seeds:
         for label, overrides in ablations.items():
             ablation_rows += run_all({label: overrides}, args.ablation_seeds)
-            publish(section(ablation_rows, len(ablation_rows) == len(ablations)))
+            done = len(ablation_rows) == len(ablations)
+            publish(section(main_rows, args.seeds, ablation_rows, done))
     return 0
 
 
