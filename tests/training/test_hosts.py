@@ -178,6 +178,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, host: str) -> N
     [
         ("ibot", {"ibot_patch_prototypes": "shared", "targets": "posterior"}),
         ("ibot", {"targets": "posterior", "target_balancing": "sinkhorn"}),
+        ("ibot", {"head_bn": True}),  # BN in the head: every patch token is projected
         ("carp", {"targets": "posterior"}),
     ],
 )
@@ -263,6 +264,20 @@ def test_step_seeds_differ_by_purpose_seed_and_step() -> None:
     assert len(seeds) == 3
     masks = model.ibot_masks(16)
     assert masks.shape == (16, 4, 4) and masks.any()
+
+
+@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_diagnose_reads_the_separate_patch_prototypes(tmp_path: Path, kind: str) -> None:
+    from protogmm.diagnostics import load_prototypes
+
+    model = tiny_model("ibot", kind, ibot_num_patch_prototypes=24)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "run.ckpt")
+    shapes = {name: tuple(m.shape) for name, m in load_prototypes(tmp_path / "run.ckpt").items()}
+    if kind == "joint":
+        assert shapes["teacher/patch.prototypes"] == (24, 16)
+        assert shapes["teacher/prototypes"] == (32, 16)
+    else:
+        assert shapes == {"gmm": (32, 16), "patch.gmm": (24, 16)}
 
 
 # ---------------------------------------------------------------- KoLeo-proto
