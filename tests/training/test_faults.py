@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +37,17 @@ from protogmm.training.reliability import (
     read_checkpoint,
 )
 from protogmm.training.runner import run_logger
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run on one intra-op thread: on a shared 2-core machine two threads
+    spin-wait for each other (a tiny fit measured 44 s with two threads, 3.8 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TINY_MODEL = {
     "backbone": "convnet",
@@ -154,6 +166,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resumes(
         PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]),
         PROTOGMM_TEST_PAUSE_ON_SAVE="2",  # step 2's last.ckpt is whole; step 4's is cut
         PROTOGMM_TEST_PAUSE_MARKER=str(marker),
+        OMP_NUM_THREADS="1",  # as the one_thread fixture
     )
     child = subprocess.Popen(
         [

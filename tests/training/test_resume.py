@@ -3,24 +3,46 @@
 Deterministic CPU, tiny models on 16 px synthetic data (4 steps per epoch). The checkpoint
 is written every 3 steps, so the resumed run starts 3 batches into epoch 0: it must
 restore the model, the teacher, the optimizer, the schedules (functions of the step), the
-mixture and the centre, the RNG streams and the data position.
+mixture and the centre, the RNG streams and the data position. Once with the resume
+machinery only (guard, data position, DDP bookkeeping, atomic IO), then with all of a run's
+callbacks (the k-NN and collapse monitors, the report) for each prototype/target variant.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
 
 from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.distributed import DistributedRun
 from protogmm.training.module import PrototypicalSSL
-from protogmm.training.reliability import ResumableDataLoader, ResumableDistributedSampler
-from protogmm.training.runner import build_trainer
+from protogmm.training.reliability import (
+    AtomicCheckpointIO,
+    DataPosition,
+    NonFiniteGuard,
+    ResumableDataLoader,
+    ResumableDistributedSampler,
+)
+from protogmm.training.runner import build_trainer, run_logger
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run on one intra-op thread: on a shared 2-core machine two threads
+    spin-wait for each other (a tiny fit measured 44 s with two threads, 3.8 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TINY_MODEL = {
     "backbone": "convnet",
@@ -59,23 +81,40 @@ class CrashAtStep(L.Callback):
 def fit(
     run_dir: Path,
     model_kwargs: dict,
+    all_callbacks: bool,
     ckpt_path: Path | None = None,
     crash_at_step: int | None = None,
 ) -> tuple[PrototypicalSSL, L.Trainer]:
     L.seed_everything(0, verbose=False)
     model = PrototypicalSSL(**(TINY_MODEL | model_kwargs))
-    trainer = build_trainer(
-        run_dir,
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        dense_every_n_steps=2,
-        checkpoint_every_n_steps=3,
-        callbacks=[CrashAtStep(crash_at_step)] if crash_at_step is not None else [],
-    )
+    crash = [CrashAtStep(crash_at_step)] if crash_at_step is not None else []
+    settings = {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "deterministic": True,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    if all_callbacks:
+        trainer = build_trainer(
+            run_dir, dense_every_n_steps=2, checkpoint_every_n_steps=3, callbacks=crash, **settings
+        )
+    else:
+        trainer = L.Trainer(
+            default_root_dir=run_dir,
+            logger=run_logger(run_dir),
+            log_every_n_steps=1,
+            plugins=[AtomicCheckpointIO()],
+            callbacks=[
+                *crash,
+                NonFiniteGuard(),
+                DistributedRun(),
+                DataPosition(),
+                ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=3),
+            ],
+            **settings,
+        )
     trainer.fit(model, datamodule=tiny_data(), ckpt_path=ckpt_path)
     return model, trainer
 
@@ -89,26 +128,35 @@ def losses(run_dir: Path) -> dict[int, float]:
         }
 
 
+DECOUPLED = {"prototypes": "decoupled"}
+POSTERIOR = {"prototypes": "decoupled", "targets": "posterior", "target_balancing": "sinkhorn"}
+JOINT = {"prototypes": "joint"}
+
+
 @pytest.mark.parametrize(
-    "model_kwargs",
+    ("model_kwargs", "all_callbacks"),
     [
-        {"prototypes": "decoupled"},
-        {"prototypes": "decoupled", "targets": "posterior", "target_balancing": "sinkhorn"},
-        {"prototypes": "joint"},
+        pytest.param(DECOUPLED, False, id="decoupled-host"),
+        pytest.param(DECOUPLED, True, id="decoupled-host-all-callbacks"),
+        pytest.param(POSTERIOR, True, id="decoupled-posterior"),
+        pytest.param(JOINT, True, id="joint"),
     ],
-    ids=["decoupled-host", "decoupled-posterior", "joint"],
 )
-def test_mid_epoch_resume_equals_the_uninterrupted_run(tmp_path: Path, model_kwargs: dict) -> None:
-    full_model, full_trainer = fit(tmp_path / "full", model_kwargs)
+def test_mid_epoch_resume_equals_the_uninterrupted_run(
+    tmp_path: Path, model_kwargs: dict, all_callbacks: bool
+) -> None:
+    full_model, full_trainer = fit(tmp_path / "full", model_kwargs, all_callbacks)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(tmp_path / "crashed", model_kwargs, crash_at_step=5)
+        fit(tmp_path / "crashed", model_kwargs, all_callbacks, crash_at_step=5)
     checkpoint_path = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert checkpoint["global_step"] == 3  # 3 of epoch 0's 4 batches: mid-epoch
     position = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert position == {"epoch": 0, "batches": 3, "batches_per_epoch": 4}
 
-    resumed_model, resumed_trainer = fit(tmp_path / "resumed", model_kwargs, checkpoint_path)
+    resumed_model, resumed_trainer = fit(
+        tmp_path / "resumed", model_kwargs, all_callbacks, checkpoint_path
+    )
 
     full_losses, resumed_losses = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert sorted(resumed_losses) == [3, 4, 5, 6, 7]
