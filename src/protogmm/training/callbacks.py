@@ -185,12 +185,15 @@ class KNNMonitor(L.Callback):
                 "top1_k200": accuracy["k200"],
             }
         )
+        # Every rank holds rank 0's numbers: their mean over ranks is that number (and
+        # saying so silences Lightning's per-epoch sync_dist warning under DDP).
         pl_module.log_dict(
             {"knn/top1": accuracy["k20"], "knn/top1_k200": accuracy["k200"]},
             on_epoch=True,
             prog_bar=False,
+            sync_dist=True,
         )
-        pl_module.log("knn", accuracy["k20"], prog_bar=True, logger=False)
+        pl_module.log("knn", accuracy["k20"], prog_bar=True, logger=False, sync_dist=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {
