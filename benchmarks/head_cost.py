@@ -1,0 +1,687 @@
+"""Head cost vs K: the joint DINO head against the decoupled online-GMM head, per step.
+
+    scripts/dev python benchmarks/head_cost.py                  # the BENCHMARKS.md section (CPU)
+    scripts/dev python benchmarks/head_cost.py --device cuda    # the same table on a GPU
+    scripts/dev python benchmarks/head_cost.py --quick          # smoke run (a minute or two)
+
+For each K, with d = 256 and a batch of 256 images (2 global views: teacher embeddings
+``[2B, d]``, student embeddings ``[(2 + L) B, d]`` that require grad), one training step of
+the prototype head alone, everything after the encoder:
+
+* **joint** (DINO): the EMA teacher's ``LearnedPrototypes`` score the teacher embeddings,
+  ``DINOLoss.teacher_distribution`` centres and sharpens them (then ``update_center``), the
+  student's ``LearnedPrototypes`` score the student embeddings, the DINO loss, backward (to
+  the embeddings and the prototype weights), an AdamW step on the prototype weights and the
+  teacher's EMA update;
+* **decoupled**: ``OnlineGMM.update(h_teacher)`` (E-step, statistics, M-step), the mixture's
+  prototypes score the teacher embeddings for the same DINO targets, the student embeddings
+  are scored against the same (fixed) prototypes, the DINO loss, backward to the embeddings
+  only (the mixture has no parameters, no optimizer, no EMA).
+
+Both heads are timed in one process, configurations alternated over the repeats (median of
+the repeats, warm-up excluded), beside the floor measured the same way: one ``[2B x d] @
+[d x K]`` product and a forward + backward of ``z @ W^T`` (3 such products). Peak memory is
+measured per configuration in a fresh child process (see :func:`peak_memory_of_head`).
+Also timed: ``unique_prototypes(prototypes, 0.025)`` (Definition 2.1) on each head's
+prototypes at each K, and a ``torch.profiler`` breakdown of both steps at the largest K.
+Writes the "Head cost vs K" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PeakMemory, command_line, machine_line, replace_section  # noqa: E402
+
+from protogmm.diagnostics import unique_prototypes  # noqa: E402
+from protogmm.models import make_teacher, update_ema_  # noqa: E402
+from protogmm.objectives import DINOLoss  # noqa: E402
+from protogmm.prototypes import LearnedPrototypes, OnlineGMM  # noqa: E402
+
+HEADS = ("joint", "decoupled")
+#: Where the product counts of :meth:`Setting.products` meet: 1 + 3r = 5 + 2r at
+#: r = N_s / N_t = (2 + L) / 2 = 4, i.e. L = 6 local views.
+BREAK_EVEN_LOCAL_VIEWS = 6
+EPS = 0.025
+PHASE_PREFIX = "phase: "
+#: DINO's defaults, as protogmm's trainer uses them (training/module.py).
+TEACHER_TEMPERATURE = 0.04
+TEACHER_MOMENTUM = 0.996
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.04
+
+
+def phase(name: str) -> torch.profiler.record_function:
+    """A named part of a step, for the profile's per-phase table (free when not profiling)."""
+    return torch.profiler.record_function(PHASE_PREFIX + name)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One measured configuration: K prototypes in d dimensions, B images, L local views."""
+
+    k: int
+    dim: int
+    batch: int
+    local_views: int
+    device: str
+
+    @property
+    def teacher_rows(self) -> int:
+        """N_t = 2B: the teacher embeds the two global views."""
+        return 2 * self.batch
+
+    @property
+    def student_views(self) -> int:
+        return 2 + self.local_views
+
+    @property
+    def student_rows(self) -> int:
+        """N_s = (2 + L) B: the student embeds every view."""
+        return self.student_views * self.batch
+
+    def products(self, head: str) -> float:
+        """The step's matrix products, in units of one ``N_t x d x K`` product.
+
+        joint: teacher scores (1), student scores, their gradient to the embeddings and to
+        the prototype weights (3 N_s / N_t). decoupled: the E-step and the statistics, each
+        one product with ``2d`` columns (2 + 2), teacher scores (1), student scores and
+        their gradient to the embeddings (2 N_s / N_t).
+        """
+        ratio = self.student_rows / self.teacher_rows
+        return 1 + 3 * ratio if head == "joint" else 5 + 2 * ratio
+
+
+def make_inputs(setting: Setting, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Unit teacher embeddings ``[N_t, d]`` and unit student embeddings ``[N_s, d]`` (a leaf
+    that requires grad: the encoder's output, where backward stops)."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = F.normalize(torch.randn(setting.teacher_rows, setting.dim, generator=generator))
+    student = F.normalize(torch.randn(setting.student_rows, setting.dim, generator=generator))
+    return teacher.to(setting.device), student.to(setting.device).requires_grad_(True)
+
+
+class JointHead:
+    """DINO's head: student prototypes learned by AdamW, an EMA copy in the teacher."""
+
+    def __init__(self, setting: Setting, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.setting = setting
+        self.student = LearnedPrototypes(setting.k, setting.dim).to(setting.device)
+        self.teacher = make_teacher(self.student)
+        self.loss = DINOLoss(setting.k).to(setting.device)
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
+        )
+
+    def step(self, teacher_embeddings: Tensor, student_embeddings: Tensor) -> None:
+        k, views = self.setting.k, self.setting.student_views
+        with phase("teacher scores + targets"), torch.no_grad():
+            teacher_scores = self.teacher(teacher_embeddings).view(2, -1, k)
+            targets = self.loss.teacher_distribution(teacher_scores, TEACHER_TEMPERATURE)
+            self.loss.update_center(teacher_scores)
+        with phase("student scores + loss"):
+            student_scores = self.student(student_embeddings).view(views, -1, k)
+            loss = self.loss(student_scores, teacher_probs=targets)
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            student_embeddings.grad = None
+            loss.backward()
+        with phase("AdamW step"):
+            self.optimizer.step()
+        with phase("EMA update"):
+            update_ema_(self.teacher, self.student, TEACHER_MOMENTUM)
+
+    def prototypes(self) -> Tensor:
+        return self.teacher.prototypes().detach()
+
+
+class DecoupledHead:
+    """The decoupled head: one online GMM, fitted to the teacher, scoring both networks."""
+
+    def __init__(self, setting: Setting, seed: int = 0) -> None:
+        self.setting = setting
+        self.gmm = OnlineGMM(setting.k, setting.dim, seed=seed).to(setting.device)
+        self.loss = DINOLoss(setting.k).to(setting.device)
+
+    def step(self, teacher_embeddings: Tensor, student_embeddings: Tensor) -> None:
+        k, views = self.setting.k, self.setting.student_views
+        with phase("GMM update (E-step, statistics, M-step)"):
+            self.gmm.update(teacher_embeddings)
+        with phase("teacher scores + targets"), torch.no_grad():
+            teacher_scores = self.gmm(teacher_embeddings).view(2, -1, k)
+            targets = self.loss.teacher_distribution(teacher_scores, TEACHER_TEMPERATURE)
+            self.loss.update_center(teacher_scores)
+        with phase("student scores + loss"):
+            student_scores = self.gmm(student_embeddings).view(views, -1, k)
+            loss = self.loss(student_scores, teacher_probs=targets)
+        with phase("backward"):
+            student_embeddings.grad = None
+            loss.backward()
+
+    def prototypes(self) -> Tensor:
+        return self.gmm.prototypes()
+
+
+def build_head(name: str, setting: Setting) -> JointHead | DecoupledHead:
+    return JointHead(setting) if name == "joint" else DecoupledHead(setting)
+
+
+# ---------------------------------------------------------------------------- timing
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int, device: str) -> float:
+    """Mean wall time of ``calls`` calls of ``fn`` (the device drained before and after)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def floor_calls(setting: Setting) -> dict[str, Callable[[], object]]:
+    """The floor: one ``[2B x d] @ [d x K]`` product, and ``z @ W^T`` forward + backward."""
+    generator = torch.Generator().manual_seed(1)
+    left = torch.randn(setting.teacher_rows, setting.dim, generator=generator)
+    right = torch.randn(setting.dim, setting.k, generator=generator)
+    left, right = left.to(setting.device), right.to(setting.device)
+    weight = right.T.contiguous().requires_grad_(True)
+    embeddings = left.clone().requires_grad_(True)
+    upstream = torch.ones(setting.teacher_rows, setting.k, device=setting.device)
+
+    def forward_backward() -> None:
+        weight.grad, embeddings.grad = None, None
+        (embeddings @ weight.T).backward(upstream)
+
+    return {"product": lambda: left @ right, "forward_backward": forward_backward}
+
+
+def time_setting(
+    setting: Setting, *, warmup: int, repeats: int, steps: int
+) -> tuple[dict[str, float], dict[str, JointHead | DecoupledHead], tuple[Tensor, Tensor]]:
+    """Median seconds per step of both heads and of the floor, alternated over repeats.
+
+    Each repeat times ``steps`` consecutive steps of every configuration, in an order that
+    rotates from one repeat to the next, so that no configuration always runs first (or
+    always right after the memory-hungry one). Warm-up steps (which include the mixture's
+    k-means initialisation and AdamW's state allocation) are not timed.
+    """
+    teacher, student = make_inputs(setting)
+    heads = {name: build_head(name, setting) for name in HEADS}
+    calls: dict[str, Callable[[], object]] = {
+        name: (lambda head=head: head.step(teacher, student)) for name, head in heads.items()
+    }
+    floors = floor_calls(setting)
+    calls.update(floors)
+    # The floor is far cheaper than a step: time more calls of it per repeat.
+    calls_per_repeat = {name: steps for name in HEADS} | {name: 4 * steps for name in floors}
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(setting.device)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(
+                seconds_per_call(calls[name], calls_per_repeat[name], setting.device)
+            )
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return medians, heads, (teacher, student)
+
+
+def time_unique_count(prototypes: Tensor) -> tuple[int, float]:
+    """``unique_prototypes(prototypes, 0.025)`` and its wall time (one call: seconds long)."""
+    start = time.perf_counter()
+    count = unique_prototypes(prototypes, EPS)
+    return count, time.perf_counter() - start
+
+
+@dataclass
+class Profile:
+    """Per head: ``(name, milliseconds per step, share of the step)`` rows."""
+
+    phases: dict[str, list[tuple[str, float, float]]]
+    operators: dict[str, list[tuple[str, float, float]]]
+
+
+def profile_steps(
+    heads: dict[str, JointHead | DecoupledHead],
+    inputs: tuple[Tensor, Tensor],
+    device: str,
+    steps: int,
+    top: int,
+) -> Profile:
+    """``torch.profiler`` over ``steps`` steps of each head.
+
+    Phases: the inclusive time of each :func:`phase` of the step. Operators: the ``top``
+    operators by self time (time in the operator itself, not in what it calls), as a share
+    of the summed self time of everything the step ran. Device time on CUDA (the host
+    time of a phase where its device time is not recorded), CPU time otherwise.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def self_time(event: object) -> float:
+        if cuda:
+            return float(
+                getattr(event, "self_device_time_total", None)
+                or getattr(event, "self_cuda_time_total", 0.0)
+            )
+        return float(event.self_cpu_time_total)
+
+    def inclusive_time(event: object) -> float:
+        if cuda:
+            device_time = getattr(event, "device_time_total", None) or getattr(
+                event, "cuda_time_total", 0.0
+            )
+            if device_time:
+                return float(device_time)
+        return float(event.cpu_time_total)
+
+    result = Profile({}, {})
+    for name, head in heads.items():
+        with profile(activities=activities) as profiler:
+            for _ in range(steps):
+                head.step(*inputs)
+            synchronize(device)
+        events = profiler.key_averages()
+        phases = [event for event in events if event.key.startswith(PHASE_PREFIX)]
+        phase_total = sum(inclusive_time(event) for event in phases) or 1.0
+        result.phases[name] = [
+            (
+                event.key[len(PHASE_PREFIX) :],
+                inclusive_time(event) / 1e3 / steps,
+                inclusive_time(event) / phase_total,
+            )
+            for event in phases
+        ]
+        operators = [event for event in events if not event.key.startswith(PHASE_PREFIX)]
+        self_total = sum(self_time(event) for event in operators) or 1.0
+        ranked = sorted(operators, key=self_time, reverse=True)[:top]
+        result.operators[name] = [
+            (event.key, self_time(event) / 1e3 / steps, self_time(event) / self_total)
+            for event in ranked
+        ]
+    return result
+
+
+# ---------------------------------------------------------------------------- memory
+def peak_memory_of_head(name: str, setting: Setting, steps: int, threads: int) -> float:
+    """Peak memory (MiB) of building ``name``'s head and running ``steps`` steps.
+
+    Runs in a fresh (spawned) child, so nothing another configuration allocated or cached
+    counts. The libraries are warmed up first (one step of a tiny head of each kind: what
+    they load or allocate once per process, e.g. at AdamW's first step, is not the head's)
+    and the inputs built; the peak is then measured over the head's construction
+    (parameters, optimizer, buffers) and its steps, the mixture's k-means initialisation at
+    its first step included: on CUDA ``torch.cuda.max_memory_allocated`` above what was
+    allocated before, on CPU the resident-set high-water mark above the resident set
+    before (``_common.PeakMemory``).
+    """
+    torch.set_num_threads(threads)
+    tiny = Setting(8, setting.dim, 2, 0, setting.device)
+    for kind in HEADS:
+        build_head(kind, tiny).step(*make_inputs(tiny))
+    teacher, student = make_inputs(setting)
+    with PeakMemory(setting.device) as memory:
+        head = build_head(name, setting)
+        for _ in range(steps):
+            head.step(teacher, student)
+    return memory.increase_mib
+
+
+def measure_memory(setting: Setting, steps: int) -> dict[str, float]:
+    """:func:`peak_memory_of_head` of both heads, each in its own spawned child."""
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
+    for name in HEADS:
+        with context.Pool(1, maxtasksperchild=1) as pool:
+            peaks[name] = pool.apply(
+                peak_memory_of_head, (name, setting, steps, torch.get_num_threads())
+            )
+    return peaks
+
+
+# ---------------------------------------------------------------------------- report
+@dataclass
+class Result:
+    setting: Setting
+    seconds: dict[str, float]
+    memory_mib: dict[str, float]
+    unique: dict[str, tuple[int, float]]
+    #: True for the K sweep, False for the extra local-view rows at the largest K.
+    in_sweep: bool
+
+
+def state_mib(setting: Setting, head: str) -> float:
+    """Persistent float32 state of a head, MiB: K x d matrices (and the DINO centre)."""
+    kd = setting.k * setting.dim
+    # joint: student and teacher weights, the gradient, AdamW's two moments;
+    # decoupled: means, variances and the two sufficient statistics S and Q.
+    matrices = 5 if head == "joint" else 4
+    return (matrices * kd + 6 * setting.k) * 4 / 2**20
+
+
+def mebibytes(value: float) -> str:
+    return f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cost_table(results: list[Result]) -> str:
+    rows = []
+    for result in results:
+        s, t, m = result.setting, result.seconds, result.memory_mib
+        floor = t["product"]
+        rows.append(
+            [
+                f"{s.k}",
+                f"{s.local_views}",
+                f"{1e3 * t['joint']:.2f}",
+                f"{1e3 * t['decoupled']:.2f}",
+                f"**{t['decoupled'] / t['joint']:.2f}**",
+                mebibytes(m["joint"]),
+                mebibytes(m["decoupled"]),
+                f"**{m['decoupled'] / m['joint']:.2f}**" if m["joint"] > 0 else "n/a",
+                f"{1e3 * floor:.2f}",
+                f"{1e3 * t['forward_backward']:.2f}",
+                f"{t['joint'] / floor:.1f} ({s.products('joint'):g})",
+                f"{t['decoupled'] / floor:.1f} ({s.products('decoupled'):g})",
+            ]
+        )
+    header = [
+        "K",
+        "local views L",
+        "joint ms/step",
+        "decoupled ms/step",
+        "time decoupled/joint",
+        "joint peak MiB",
+        "decoupled peak MiB",
+        "memory decoupled/joint",
+        "floor: 1 product ms",
+        "floor: fwd+bwd (3 products) ms",
+        "joint step in floors (products)",
+        "decoupled step in floors (products)",
+    ]
+    return markdown_table(header, rows)
+
+
+def unique_table(results: list[Result]) -> str:
+    rows = []
+    for result in results:
+        if not result.in_sweep:
+            continue  # the prototypes do not depend on L; one row per K
+        joint_count, joint_s = result.unique["joint"]
+        gmm_count, gmm_s = result.unique["decoupled"]
+        rows.append(
+            [
+                f"{result.setting.k}",
+                f"{joint_count}",
+                f"{joint_s:.3f}",
+                f"{joint_s / result.seconds['joint']:.1f}",
+                f"{gmm_count}",
+                f"{gmm_s:.3f}",
+                f"{gmm_s / result.seconds['decoupled']:.1f}",
+            ]
+        )
+    header = [
+        "K",
+        "joint (random init): unique",
+        "seconds",
+        "in joint steps",
+        "decoupled (GMM): unique",
+        "seconds",
+        "in decoupled steps",
+    ]
+    return markdown_table(header, rows)
+
+
+def profile_tables(profile: Profile) -> list[str]:
+    """The per-phase table, then the top-operator table, both heads in each."""
+    phase_rows = [
+        [head, name, f"{ms:.2f}", f"{100 * share:.0f}"]
+        for head, rows in profile.phases.items()
+        for name, ms, share in rows
+    ]
+    operator_rows = [
+        [head, f"`{name}`", f"{ms:.2f}", f"{100 * share:.0f}"]
+        for head, rows in profile.operators.items()
+        for name, ms, share in rows
+    ]
+    return [
+        markdown_table(["head", "phase", "ms/step", "% of step"], phase_rows),
+        markdown_table(["head", "operator", "self ms/step", "% of step"], operator_rows),
+    ]
+
+
+def findings(results: list[Result]) -> list[str]:
+    """Plain sentences computed from the numbers: what the table shows, and why."""
+    lines = []
+    sweep = [r for r in results if r.in_sweep]
+    largest = max(sweep, key=lambda r: r.setting.k)
+    s, t = largest.setting, largest.seconds
+    floor = t["product"]
+    predicted = s.products("decoupled") / s.products("joint")
+    measured = t["decoupled"] / t["joint"]
+    cheaper = [r.setting.k for r in sweep if r.seconds["decoupled"] < r.seconds["joint"]]
+    lines.append(
+        f"- **Time.** With L = {s.local_views} local views the decoupled step does "
+        f"{s.products('decoupled'):g} "
+        f"products of the floor's size against the joint step's {s.products('joint'):g} (the "
+        "E-step and the statistics are one product each with 2d columns; the decoupled step "
+        f"has no gradient to prototype weights): a ratio of {predicted:.2f} if products were "
+        f"all. Measured at K = {s.k}: {measured:.2f} "
+        + (
+            f"(decoupled cheaper at K = {', '.join(map(str, cheaper))})."
+            if cheaper
+            else "(the decoupled step is not cheaper at any K measured)."
+        )
+    )
+    lines.append(
+        f"- **How much of a step the products explain** (K = {s.k}): the products account "
+        f"for {100 * s.products('joint') * floor / t['joint']:.0f} % of the joint step and "
+        f"{100 * s.products('decoupled') * floor / t['decoupled']:.0f} % of the decoupled "
+        "step; the rest is element-wise work over N x K scores (softmaxes, the loss) and "
+        "K x d state (normalising the prototypes, AdamW and EMA for joint; the mixture's "
+        "weights, forgetting and M-step for decoupled): see the profile."
+    )
+    for result in results:
+        if result.in_sweep:
+            continue
+        es, et = result.setting, result.seconds
+        lines.append(
+            f"- **With L = {es.local_views} local views** (K = {es.k}) the student scores "
+            f"{es.student_views} views: {es.products('joint'):g} products for joint (3 per "
+            f"student view block: scores, gradient to the embeddings and to the weights) "
+            f"against {es.products('decoupled'):g} for decoupled (2 per block, plus the "
+            f"fixed E-step and statistics); measured ratio "
+            f"{et['decoupled'] / et['joint']:.2f}, predicted "
+            f"{es.products('decoupled') / es.products('joint'):.2f}. By the product count "
+            f"the heads break even at L = {BREAK_EVEN_LOCAL_VIEWS} local views "
+            "(1 + 3r = 5 + 2r at r = N_s / N_t = 4) and the decoupled head is cheaper beyond."
+        )
+    memory_ratio = largest.memory_mib["decoupled"] / max(largest.memory_mib["joint"], 1e-9)
+    lines.append(
+        f"- **Memory** (K = {s.k}): decoupled/joint {memory_ratio:.2f}. Persistent state: "
+        f"joint {mebibytes(state_mib(s, 'joint'))} MiB (5 K x d: student and teacher "
+        "weights, gradient, 2 AdamW moments), decoupled "
+        f"{mebibytes(state_mib(s, 'decoupled'))} MiB (4 K x d: "
+        "means, variances, S, Q); the rest of each peak is the step's temporaries (N x K "
+        "scores and probabilities, and K x d copies)."
+    )
+    return lines
+
+
+def section(
+    args: argparse.Namespace,
+    results: list[Result],
+    profile: Profile | None,
+) -> str:
+    first = results[0].setting
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    memory_how = (
+        "CUDA `max_memory_allocated` above the allocated inputs"
+        if args.device.startswith("cuda")
+        else "resident-set high-water mark above the resident set after building the inputs "
+        "(VmHWM reset through /proc/self/clear_refs)"
+    )
+    parts = [
+        "## Head cost vs K (joint DINO head vs decoupled online GMM, one step)",
+        f"Command: `{command_line()}`  \nMachine: {machine_line()}; measured on: {device}",
+        f"Setup: d = {first.dim}, batch {first.batch} images: teacher embeddings "
+        f"[{first.teacher_rows}, {first.dim}] (2 global views), student embeddings "
+        f"[(2 + L) x {first.batch}, {first.dim}] that require grad; float32. A step is "
+        "everything after the encoder: joint = EMA teacher's `LearnedPrototypes` scores -> "
+        "`DINOLoss.teacher_distribution` + `update_center` -> student's `LearnedPrototypes` "
+        "scores -> DINO loss -> backward (embeddings and prototype weights) -> AdamW step -> "
+        "EMA update; decoupled = `OnlineGMM.update(h_teacher)` -> the mixture's scores of "
+        "the teacher (same DINO targets) and of the student -> DINO loss -> backward "
+        f"(embeddings only). Time: median of {args.repeats} repeats of {args.steps} steps, "
+        f"{args.warmup} warm-up steps excluded, both heads and the floor alternated in one "
+        f"process. Peak memory: each head in a fresh spawned process, {memory_how}, over "
+        f"building the head and {args.memory_steps} steps. Floor: one "
+        f"[{first.teacher_rows} x {first.dim}] @ [{first.dim} x K] product, and the forward "
+        "+ backward of `z @ W^T` (3 such products). 'In floors' = step time / one product; "
+        "in brackets the step's product count in those units.",
+        cost_table(results),
+        *findings(results),
+        "### Definition 2.1 count at each K",
+        f"`unique_prototypes(prototypes, {EPS})` once per head after the timed steps: the "
+        "joint teacher's prototypes (near their random init: all unique, the cover's worst "
+        "case) and the mixture's means (initialised from the teacher's embeddings, so "
+        "near-duplicates when K > N_t); 'in steps' = its time in units of that head's step.",
+        unique_table(results),
+    ]
+    if profile is not None:
+        kind = "CUDA" if args.device.startswith("cuda") else "CPU"
+        parts += [
+            f"### Where a step's time goes (K = {args.profile_k}, L = {args.local_views}, "
+            f"torch.profiler over {args.profile_steps} steps, {kind} time)",
+            "Phases of the step (inclusive time), then the top "
+            f"{args.profile_top} operators by self time (share of all operators' self time).",
+            *profile_tables(profile),
+        ]
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256, help="images (B); 2B teacher rows")
+    parser.add_argument(
+        "--local-views", type=int, default=0, help="L local views in every row of the sweep"
+    )
+    parser.add_argument(
+        "--extra-local-views",
+        type=int,
+        nargs="*",
+        default=[8],
+        help="one more row at the largest K per value (DINO uses 8 local crops)",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-top", type=int, default=8)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
+    parser.add_argument("--quick", action="store_true", help="K 256/1024, d 64, batch 32, 1 thread")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.ks, args.dim, args.batch, args.extra_local_views = [256, 1024], 64, 32, [2]
+        args.repeats, args.steps, args.warmup, args.memory_steps = 2, 2, 1, 2
+        args.profile_steps, args.profile_top = 2, 5
+        # A smoke run: one thread keeps it fast on a shared machine, where threads waiting
+        # for each other's busy cores stretch millisecond steps to a second.
+        args.threads = args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("head_cost: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+
+    # (setting, in the K sweep): the sweep, then the extra local-view rows at the largest K.
+    largest = max(args.ks)
+    settings = [
+        (Setting(k, args.dim, args.batch, args.local_views, args.device), True) for k in args.ks
+    ]
+    settings += [
+        (Setting(largest, args.dim, args.batch, views, args.device), False)
+        for views in args.extra_local_views
+        if views != args.local_views
+    ]
+    args.profile_k = largest
+    results: list[Result] = []
+    profile: Profile | None = None
+    for setting, in_sweep in settings:
+        print(f"=== K = {setting.k}, L = {setting.local_views}: timing", flush=True)
+        seconds, heads, inputs = time_setting(
+            setting, warmup=args.warmup, repeats=args.repeats, steps=args.steps
+        )
+        unique = {name: time_unique_count(head.prototypes()) for name, head in heads.items()}
+        if in_sweep and setting.k == largest:
+            print(f"=== K = {setting.k}: profiling", flush=True)
+            profile = profile_steps(
+                heads, inputs, args.device, args.profile_steps, args.profile_top
+            )
+        del heads, inputs  # free this K's state before the next one
+        print(f"=== K = {setting.k}, L = {setting.local_views}: memory", flush=True)
+        memory = measure_memory(setting, args.memory_steps)
+        results.append(Result(setting, seconds, memory, unique, in_sweep))
+        print(
+            f"    joint {1e3 * seconds['joint']:.2f} ms, decoupled "
+            f"{1e3 * seconds['decoupled']:.2f} ms, product {1e3 * seconds['product']:.3f} ms; "
+            f"peak MiB {memory['joint']:.1f} / {memory['decoupled']:.1f}",
+            flush=True,
+        )
+    text = section(args, results, profile)
+    print(text)
+    bad = [
+        value
+        for result in results
+        for value in (*result.seconds.values(), *result.memory_mib.values())
+        if not math.isfinite(value)
+    ]
+    if bad:
+        print("head_cost: non-finite measurement", file=sys.stderr)
+        return 1
+    if not args.no_write and not args.quick:
+        replace_section("head-cost", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

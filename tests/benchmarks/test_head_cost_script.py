@@ -1,0 +1,119 @@
+"""The head-cost benchmark's --quick mode runs end to end, so the script cannot rot."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "head_cost.py"
+
+
+def table_rows(section: str, first_header_cell: str) -> tuple[list[str], list[list[str]]]:
+    """Header cells and body rows of the first Markdown table whose header starts so."""
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().strip("*") for cell in line.strip("|").split("|")])
+    return header, rows
+
+
+def own_section(name: str) -> str | None:
+    """This script's block of BENCHMARKS.md, or None (other scripts may write theirs
+    meanwhile: only this block must stay as it was)."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    return text[text.index(begin) : text.index(end)] if begin in text and end in text else None
+
+
+def number(cell: str) -> float:
+    """The leading number of a cell such as ``12.3`` or ``4.5 (7)``."""
+    return float(cell.split()[0])
+
+
+@pytest.mark.slow
+def test_quick_mode_prints_the_head_cost_section(tmp_path: Path) -> None:
+    before = own_section("head-cost")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-write"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    section = result.stdout[result.stdout.index("## Head cost vs K") :]
+
+    header, rows = table_rows(section, "K")
+    assert "time decoupled/joint" in header and "floor: 1 product ms" in header
+    # --quick: K = 256 and 1024 with no local views, and 1024 with 2 local views.
+    assert [(row[0], row[1]) for row in rows] == [("256", "0"), ("1024", "0"), ("1024", "2")]
+    for row in rows:
+        assert len(row) == len(header)
+        values = [number(cell) for cell in row[2:]]
+        assert all(math.isfinite(v) for v in values), row
+        times = [number(row[header.index(name)]) for name in header if name.endswith("ms/step")]
+        assert all(t > 0 for t in times), row
+        assert number(row[header.index("floor: 1 product ms")]) > 0, row
+        for name in ("joint peak MiB", "decoupled peak MiB"):
+            assert number(row[header.index(name)]) >= 0, row
+
+    unique_part = section[section.index("### Definition 2.1 count") :]
+    _, unique_rows = table_rows(unique_part, "K")
+    assert [row[0] for row in unique_rows] == ["256", "1024"]
+    for row in unique_rows:
+        joint_count, gmm_count = int(row[1]), int(row[4])
+        assert 1 <= joint_count <= int(row[0]) and 1 <= gmm_count <= int(row[0])
+        assert float(row[2]) >= 0 and float(row[5]) >= 0
+
+    profile_part = section[section.index("### Where a step's time goes") :]
+    _, phase_rows = table_rows(profile_part, "head")
+    assert {row[1] for row in phase_rows if row[0] == "decoupled"} >= {
+        "GMM update (E-step, statistics, M-step)",
+        "backward",
+    }
+    assert {row[1] for row in phase_rows if row[0] == "joint"} >= {"AdamW step", "EMA update"}
+    operator_part = profile_part[profile_part.index("| head | operator |") :]
+    _, operator_rows = table_rows(operator_part, "head")
+    assert {row[0] for row in operator_rows} == {"joint", "decoupled"}
+    assert all(float(row[2]) >= 0 for row in phase_rows + operator_rows)
+    # --quick never rewrites the measured numbers.
+    assert own_section("head-cost") == before
+
+
+def test_product_counts_and_break_even() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import head_cost
+    finally:
+        sys.path.pop(0)
+    two_views = head_cost.Setting(1024, 256, 256, 0, "cpu")
+    # joint: teacher scores + student scores, dz, dW; decoupled: E-step (2) + statistics
+    # (2) + teacher scores + student scores, dz.
+    assert (two_views.products("joint"), two_views.products("decoupled")) == (4, 7)
+    even = head_cost.Setting(1024, 256, 256, head_cost.BREAK_EVEN_LOCAL_VIEWS, "cpu")
+    assert even.products("joint") == even.products("decoupled")
+    dino = head_cost.Setting(1024, 256, 256, 8, "cpu")
+    assert dino.products("decoupled") < dino.products("joint")
+
+
+def test_peak_memory_sees_a_freed_allocation_inside_its_block() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import PeakMemory
+    finally:
+        sys.path.pop(0)
+    with PeakMemory("cpu") as memory:
+        block = b"\x01" * (256 * 2**20)  # every byte written, so every page resident
+        del block
+    assert memory.peak_mib >= memory.start_mib
+    if memory.exact:  # Linux: the high-water mark was reset at the start of the block
+        assert memory.increase_mib > 200
