@@ -308,8 +308,8 @@ class NonFiniteGuard(L.Callback):
     3. the loss and every buffer of the mixture and the centre, before backward; non-finite
        mixture or centre statistics always stop (they cannot be rolled back).
 
-    Checks 1 and 3 are agreed across ranks (one all-reduce of two numbers), so under DDP
-    every rank skips or stops together; check 2 stops the rank that sees it.
+    Checks 1 and 3 are agreed across ranks (one all-reduce of one or two numbers each), so
+    under DDP every rank skips or stops together; check 2 stops the rank that sees it.
 
     ``action="stop"`` raises :class:`NonFiniteError` naming what went non-finite, the step
     and the last checkpoint (which holds only finite state, since nothing non-finite ever
