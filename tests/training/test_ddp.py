@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,6 @@ from protogmm.training.distributed import DistributedRun, synchronised_state
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteGuard, read_checkpoint
 from protogmm.training.runner import build_trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run on one intra-op thread: on a shared 2-core machine two threads
-    spin-wait for each other (a tiny fit measured 44 s with two threads, 3.8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 WORLD = 2
 PER_RANK = 8  # images per rank and step

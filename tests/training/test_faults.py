@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,17 +36,6 @@ from protogmm.training.reliability import (
     read_checkpoint,
 )
 from protogmm.training.runner import run_logger
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run on one intra-op thread: on a shared 2-core machine two threads
-    spin-wait for each other (a tiny fit measured 44 s with two threads, 3.8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY_MODEL = {
     "backbone": "convnet",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -15,17 +14,6 @@ from protogmm.prototypes.koleo import koleo_proto_loss
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.runner import build_trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run on one intra-op thread: on the shared 2-core machine two threads
-    spin-wait for each other (tests/training/test_resume.py measured 44 s vs 3.8 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY_VIT = {
     "backbone": "vit",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import lightning as L
 import pytest
@@ -20,17 +19,6 @@ from protogmm.prototypes import OnlineGMM
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteGuard
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run on one intra-op thread: on a shared 2-core machine two threads
-    spin-wait for each other (a tiny fit measured 44 s with two threads, 3.8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY_MODEL = {
     "backbone": "convnet",

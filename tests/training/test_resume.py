@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -32,17 +31,6 @@ from protogmm.training.reliability import (
     ResumableDistributedSampler,
 )
 from protogmm.training.runner import build_trainer, run_logger
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run on one intra-op thread: on a shared 2-core machine two threads
-    spin-wait for each other (a tiny fit measured 44 s with two threads, 3.8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY_MODEL = {
     "backbone": "convnet",
