@@ -188,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             ablation_text = table(ablation_rows)
             if not ablations_done:
                 ablation_text += "\n\n(ablations still running when this was written)"
-        else:
+        elif ablations_done:
             ablation_text = "(not run)"
+        else:
+            ablation_text = "(ablations still running when this was written)"
         return "\n\n".join(
             [
                 "## Decoupling at small scale (joint vs decoupled DINO, MNIST-5k)",
