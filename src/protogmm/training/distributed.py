@@ -85,8 +85,8 @@ def _fingerprint(tensor: Tensor) -> int:
 def capture_rng_state() -> dict[str, Any]:
     """This process's torch, CUDA, numpy and python RNG states as tensors and plain values.
 
-    The format matches ``PrototypicalSSL.on_save_checkpoint``, so it loads with
-    ``torch.load(weights_only=True)``.
+    ``PrototypicalSSL.on_save_checkpoint`` stores it; tensors and plain values only, so it
+    loads with ``torch.load(weights_only=True)``.
     """
     np_state = np.random.get_state()
     return {

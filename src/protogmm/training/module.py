@@ -33,7 +33,6 @@ import warnings
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +44,7 @@ from protogmm.objectives.balancing import sinkhorn_knopp
 from protogmm.prototypes import LearnedPrototypes, OnlineGMM, PrototypeSet
 from protogmm.prototypes.koleo import koleo_proto_loss
 from protogmm.schedules import cosine_ramp, linear_ramp, warmup_cosine
+from protogmm.training.distributed import capture_rng_state, restore_rng_state
 
 PrototypeKind = Literal["joint", "decoupled"]
 Targets = Literal["host", "posterior"]
@@ -745,31 +745,12 @@ class PrototypicalSSL(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Augmentations draw from the global RNGs: save them so a resumed run continues the
         # same random stream (plain tensors and ints: loadable with weights_only=True).
-        np_state = np.random.get_state()
-        checkpoint["protogmm_rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [
-                np_state[0],
-                torch.from_numpy(np_state[1].astype(np.int64)),
-                int(np_state[2]),
-                int(np_state[3]),
-                float(np_state[4]),
-            ],
-            "python": random.getstate(),
-        }
+        checkpoint["protogmm_rng"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("protogmm_rng")
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
+        if state is not None:
+            restore_rng_state(state)
 
     # ------------------------------------------------------------------ logging
     @torch.no_grad()
