@@ -119,6 +119,16 @@ def table(rows: list[list[str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-prototypes", type=int, default=1024, help="K unless a row says")
+    parser.add_argument(
+        "--dense-every", type=int, default=5, help="log unique %% every N steps (diagnostics only)"
+    )
+    parser.add_argument(
+        "--section",
+        default="decoupling",
+        help="the BENCHMARKS.md block to own (a second budget gets its own block)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
     parser.add_argument(
@@ -139,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
     )
     args = parser.parse_args(argv)
-    data: dict[str, Any] = {"dataset": "mnist5k", "num_local_crops": 2}
+    data: dict[str, Any] = {
+        "dataset": "mnist5k",
+        "num_local_crops": 2,
+        "batch_size": args.batch_size,
+    }
     if args.quick:
         args.epochs, args.seeds, args.ablation_seeds = 1, [0], [0]
         data["max_train_samples"] = 256
@@ -152,11 +166,25 @@ def main(argv: list[str] | None = None) -> int:
             return results[(label, seed)]
         run_dir = args.out / f"{label.replace(' ', '_')}-seed{seed}"
         done = run_dir / "summary.json"
-        if args.reuse and done.exists() and load_run(run_dir).get("epochs") == args.epochs:
-            print(f"=== {label}, seed {seed}: reusing {run_dir}", flush=True)
-            return load_run(run_dir)
+        model = {"num_prototypes": args.num_prototypes, **overrides}
+        if args.reuse and done.exists():
+            previous = load_run(run_dir)
+            same_budget = (previous.get("epochs"), previous.get("num_prototypes")) == (
+                args.epochs,
+                model["num_prototypes"],
+            )
+            if same_budget:
+                print(f"=== {label}, seed {seed}: reusing {run_dir}", flush=True)
+                return previous
         print(f"=== {label}, seed {seed} -> {run_dir}", flush=True)
-        return train_run(run_dir, epochs=args.epochs, seed=seed, model=overrides, data=data)
+        return train_run(
+            run_dir,
+            epochs=args.epochs,
+            seed=seed,
+            model=model,
+            data=data,
+            dense_every_n_steps=args.dense_every,
+        )
 
     def run_all(configs: dict[str, dict[str, Any]], seeds: list[int]) -> list[list[str]]:
         # Seeds outside, configurations inside: a run cut short still has matched pairs.
@@ -194,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             ablation_text = "(ablations still running when this was written)"
         return "\n\n".join(
             [
-                "## Decoupling at small scale (joint vs decoupled DINO, MNIST-5k)",
+                "## Decoupling at small scale (joint vs decoupled DINO, MNIST-5k, "
+                f"{args.epochs} epochs at batch {args.batch_size}, K = {args.num_prototypes})",
                 f"Command: `{command_line()}`  \nMachine: {machine_line()}  \n"
-                f"Budget: {args.epochs} epochs, batch 128, 2 global + 2 local crops, ConvNet, "
-                f"K = 1024 unless stated, d = 128; seeds {seeds} of {args.seeds} "
+                f"Budget: {args.epochs} epochs, batch {args.batch_size}, 2 global + 2 local "
+                f"crops, ConvNet, K = {args.num_prototypes} unless stated, d = 128; "
+                f"seeds {seeds} of {args.seeds} "
                 f"(ablations: seeds {args.ablation_seeds}). "
                 "Mean ± std over seeds. Entropies in nats (log K = 6.93): per-sample and "
                 "batch-mean entropy of the teacher targets at the last step; 'used' = distinct "
@@ -212,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     def publish(text: str) -> None:
         print(text, flush=True)
         if not args.no_write and not args.quick:
-            replace_section("decoupling", text)
+            replace_section(args.section, text)
 
     # The head-to-head is written after every seed; each ablation row as it lands.
     results: dict[tuple[str, int], dict[str, Any]] = {}

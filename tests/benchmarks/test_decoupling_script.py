@@ -19,6 +19,8 @@ def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Pa
             sys.executable,
             str(ROOT / "benchmarks" / "decoupling.py"),
             "--quick",
+            "--batch-size",
+            "64",
             "--out",
             str(tmp_path / "runs"),
             "--plot",
@@ -34,6 +36,7 @@ def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Pa
     for label in ("| joint |", "| decoupled |", "| untrained encoder |", "| raw pixels |"):
         assert label in section
     assert "| posterior targets |" in section  # the --quick ablation
+    assert "at batch 64, K = 1024" in section and "batch 64, 2 global" in section
     assert (tmp_path / "collapse.png").stat().st_size > 0
     assert (tmp_path / "runs" / "joint-seed0" / "summary.json").exists()
     # --quick never rewrites the measured numbers.
