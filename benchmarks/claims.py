@@ -51,8 +51,9 @@ EARLY_FRACTION_OF_STEPS = 0.10
 #: ... and "most of the drop" means at least this share of the whole drop.
 EARLY_MIN_SHARE_OF_DROP = 0.5
 #: Claim 2: a drop (first logged minus last logged unique %, in points) larger than this
-#: is a collapse to time; 0 = any drop at all.
-COLLAPSE_MIN_DROP_POINTS = 0.0
+#: is a collapse to time. One prototype of K = 1024 is 0.1 point; a 1-point floor keeps a
+#: handful of stray near-duplicates from counting as collapse.
+COLLAPSE_MIN_DROP_POINTS = 1.0
 #: Claim 3: decoupled's unique % at ε = 0.025 must stay at or above this during training.
 DECOUPLED_MIN_UNIQUE = 99.0
 #: Claim 4: the angle density counts as flat at or below this total-variation distance to
