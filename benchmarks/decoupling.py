@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"crops, ConvNet, K = {args.num_prototypes} unless stated, d = 128; "
                 f"seeds {seeds} of {args.seeds} "
                 f"(ablations: seeds {args.ablation_seeds}). "
-                "Mean ± std over seeds. Entropies in nats (log K = 6.93): per-sample and "
+                "Mean ± std over seeds. Entropies in nats "
+                f"(log K = {math.log(args.num_prototypes):.2f}): per-sample and "
                 "batch-mean entropy of the teacher targets at the last step; 'used' = distinct "
                 "argmax targets in the last batch.",
                 table(main_rows),

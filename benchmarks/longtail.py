@@ -32,7 +32,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import command_line, machine_line, mean_std, replace_section, train_run  # noqa: E402
+from _common import (  # noqa: E402
+    command_line,
+    load_run,
+    machine_line,
+    mean_std,
+    replace_section,
+    train_run,
+)
 
 from protogmm.evaluation import GROUPS  # noqa: E402
 
@@ -123,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/longtail"))
     parser.add_argument("--quick", action="store_true", help="1 epoch on 256 images, 1 seed")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep finished runs in --out with the same epochs (the model overrides are not "
+        "compared: use another --out for other overrides)",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
     )
     args = parser.parse_args(argv)
@@ -141,17 +154,24 @@ def main(argv: list[str] | None = None) -> int:
         data["max_train_samples"] = 256  # pretraining images; k-NN and probes see all
 
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
-    for kind in KINDS:
-        for seed in args.seeds:
+    # Seeds outside, kinds inside: a benchmark cut short still has matched pairs to reuse.
+    for seed in args.seeds:
+        for kind in KINDS:
             run_dir = args.out / f"{kind}-rho{args.rho:g}-seed{seed}"
-            print(f"=== {kind}, rho {args.rho:g}, seed {seed} -> {run_dir}", flush=True)
-            summary = train_run(
-                run_dir,
-                epochs=args.epochs,
-                seed=seed,
-                model={"prototypes": kind, **args.model},
-                data=data,
-            )
+            done = run_dir / "summary.json"
+            previous = load_run(run_dir) if args.reuse and done.exists() else {}
+            if previous.get("epochs") == args.epochs and "longtail" in previous:
+                print(f"=== {kind}, rho {args.rho:g}, seed {seed}: reusing {run_dir}", flush=True)
+                summary = previous
+            else:
+                print(f"=== {kind}, rho {args.rho:g}, seed {seed} -> {run_dir}", flush=True)
+                summary = train_run(
+                    run_dir,
+                    epochs=args.epochs,
+                    seed=seed,
+                    model={"prototypes": kind, **args.model},
+                    data=data,
+                )
             if "longtail" not in summary:
                 raise SystemExit(f"{run_dir}: no long-tail analysis in summary.json")
             summary["class_counts"] = json.loads((run_dir / "class_counts.json").read_text())
