@@ -64,15 +64,24 @@ def host_model(host: str, backbone: str) -> dict[str, Any]:
     return model
 
 
-def patch_unique_pct(run_dir: Path) -> dict[str, float] | None:
+def patch_unique_pct(run_dir: Path, steps: int) -> dict[str, float] | None:
     """iBOT with separate patch prototypes: their unique % at each ε, from ``last.ckpt``.
 
     The teacher's set for joint prototypes (what the [CLS] monitor measures too), the patch
     mixture's means for decoupled; None when the run has no separate patch set.
+
+    Raises:
+        SystemExit: if ``last.ckpt`` is not from the run's last step (``steps``).
     """
-    state = torch.load(
+    checkpoint = torch.load(
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
-    )["state_dict"]
+    )
+    if checkpoint["global_step"] != steps:
+        raise SystemExit(
+            f"{run_dir}/checkpoints/last.ckpt is from step {checkpoint['global_step']}, "
+            f"not the run's last step {steps}"
+        )
+    state = checkpoint["state_dict"]
     for key in ("teacher.patch.prototypes.weight", "patch.gmm.mean"):
         if key in state:
             prototypes = F.normalize(state[key].double(), dim=1)
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_dir, epochs=args.epochs, seed=seed, model=base | overrides, data=data
                 )
                 run["train_images"] = data["batch_size"] * run["steps"] / max(1, run["epochs"])
-                run["patch_unique_pct"] = patch_unique_pct(run_dir)
+                run["patch_unique_pct"] = patch_unique_pct(run_dir, run["steps"])
                 runs.append(run)
             rows.append(row(host, label, base | overrides, runs))
             baselines.setdefault(base.get("backbone", "convnet"), runs)
