@@ -135,7 +135,9 @@ def test_mid_epoch_resume_equals_the_uninterrupted_run(
 ) -> None:
     full_model, full_trainer = fit(tmp_path / "full", model_kwargs, all_callbacks)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(tmp_path / "crashed", model_kwargs, all_callbacks, crash_at_step=5)
+        # Killed before epoch 0's last batch: the newest checkpoint is step 3's, mid-epoch
+        # (a crash after the epoch's end would resume from the epoch-end last.ckpt).
+        fit(tmp_path / "crashed", model_kwargs, all_callbacks, crash_at_step=3)
     checkpoint_path = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert checkpoint["global_step"] == 3  # 3 of epoch 0's 4 batches: mid-epoch
@@ -203,3 +205,44 @@ def test_the_data_position_survives_a_new_loader(num_workers: int) -> None:
 def test_a_loader_needs_the_resumable_sampler() -> None:
     with pytest.raises(ValueError, match="ResumableDistributedSampler"):
         ResumableDataLoader(TensorDataset(torch.arange(4)), batch_size=2)
+
+
+class _FallingKNN(L.LightningModule):
+    """Two steps per epoch; logs a k-NN that only gets worse after epoch 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).square().mean()
+
+    def on_train_epoch_end(self) -> None:
+        self.log("knn/top1", 0.9 - 0.1 * self.current_epoch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_knn_does_not_improve(tmp_path: Path) -> None:
+    # Regression: with save_last on the k-NN-monitored checkpoint, Lightning 2.6 rewrote
+    # last.ckpt only in epochs with a new best k-NN, so last.ckpt stayed at epoch 0 here.
+    from protogmm.training.runner import run_callbacks
+
+    checkpoints = [c for c in run_callbacks() if isinstance(c, ModelCheckpoint)]
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        callbacks=checkpoints,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_FallingKNN())
+    written = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert written == ["best-knn-epoch=0-top1=0.9000.ckpt", "last.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 6)

@@ -52,12 +52,16 @@ def run_callbacks(
         DistributedRun(),
         DataPosition(),
         ModelCheckpoint(
-            save_last=True,
             monitor="knn/top1",
             mode="max",
             filename="best-knn-epoch={epoch}-top1={knn/top1:.4f}",
             auto_insert_metric_name=False,
         ),
+        # last.ckpt has its own writer: Lightning 2.6's ``save_last=True`` on the monitored
+        # checkpoint rewrites last.ckpt only in the epochs whose k-NN is a new best, which
+        # left last.ckpt epochs behind the run (a resume restarted from there; diagnose read
+        # an old model). No monitor: it writes at every epoch end, over the same file.
+        ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
     ]
     if checkpoint_every_n_steps:
         # A second writer of last.ckpt, on steps (Lightning's step and epoch triggers are
