@@ -237,6 +237,21 @@ def test_reseeding_moves_stranded_components_onto_data() -> None:
     assert float((gmm.prototypes() @ data_centre).min()) > 0.9
 
 
+def test_reseeding_never_stacks_two_means_on_one_embedding() -> None:
+    # 16 components, all stranded far from the data, and batches of 4 rows: at most 4 are
+    # re-seeded per step, each onto its own embedding, so no two means ever coincide.
+    g = torch.Generator().manual_seed(7)
+    _, sample = sphere_mixture([1.0], dim=20, spread=0.3, generator=g)
+    gmm = OnlineGMM(16, 20, anneal_steps=0, reseed_after=1, seed=0)
+    gmm.update(-F.normalize(torch.eye(20)[:16] + 1.0, dim=1))  # stranded away from the data
+    for step in range(1, 5):
+        gmm.update(sample(4)[0])
+        assert int(gmm.num_reseeded) <= 4 * step
+        gap = torch.cdist(gmm.means, gmm.means) + torch.eye(16) * 10
+        assert float(gap.min()) > 1e-4
+    assert int(gmm.num_reseeded) >= 4
+
+
 # --------------------------------------------------------------------------- interface
 def test_forward_is_cosine_and_no_gradient_reaches_the_mixture() -> None:
     gmm = OnlineGMM(6, 5)

@@ -100,7 +100,8 @@ class OnlineGMM(PrototypeSet):
             random choice of distinct embeddings (k-means++ costs K sequential passes).
         reseed_after: re-seed a component after this many consecutive steps with batch
             responsibility below ``reseed_min_mass`` (None: never). Stranded components are
-            moved onto the worst-explained embeddings of the current batch.
+            moved onto the worst-explained embeddings of the current batch, one component per
+            embedding (longest idle first; the rest wait for later batches).
         reseed_min_mass: the responsibility mass under which a step counts as idle.
         chunk_size: components per chunk of the E-step and statistics products.
         center_momentum: if set, the mixture lives on *centred* embeddings: a running mean
@@ -523,10 +524,15 @@ class OnlineGMM(PrototypeSet):
         stranded = (self.idle_steps >= self.reseed_after).nonzero().flatten()
         if stranded.numel() == 0:
             return
+        # At most one component per embedding, longest idle first: re-seeding more components
+        # than the batch has rows would stack several means on one point (exact duplicates,
+        # i.e. collapse by construction). The others wait for the next steps.
+        if stranded.numel() > h.shape[0]:
+            longest_idle = torch.argsort(self.idle_steps[stranded], descending=True, stable=True)
+            stranded = stranded[longest_idle[: h.shape[0]]]
         # The worst-explained embeddings under the updated mixture: lowest max log joint.
         fit = self._log_joint(h).max(dim=1).values
-        order = torch.argsort(fit)
-        targets = h[order[torch.arange(stranded.numel(), device=h.device) % h.shape[0]]]
+        targets = h[torch.argsort(fit)[: stranded.numel()]]
         if _distributed_world_size() > 1:
             # Ranks see different embeddings: every rank takes rank 0's targets.
             dist.broadcast(targets, src=0)
