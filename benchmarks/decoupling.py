@@ -61,6 +61,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no annealing (β = 1)": {"prototypes": "decoupled", "gmm_anneal_fraction": 0.0},
     "isotropic covariance": {"prototypes": "decoupled", "gmm": {"covariance": "isotropic"}},
     "uniform mixing weights": {"prototypes": "decoupled", "gmm": {"mixing": "uniform"}},
+    "re-seed stranded (100 idle steps)": {"prototypes": "decoupled", "gmm": {"reseed_after": 100}},
 }
 
 
