@@ -120,3 +120,25 @@ def test_demo_runs_the_chosen_host(
     assert "ibot, joint prototypes" in printed and "| decoupled |" in printed
     assert (out / "collapse_over_training.png").exists()
     assert '"backbone": "vit"' in (out / "joint" / "summary.json").read_text()
+
+
+@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_the_long_horizon_configs_match_the_benchmark_that_measured_them(kind: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        from decoupling import ABLATIONS
+    finally:
+        sys.path.pop(0)
+    config = yaml.safe_load((CONFIG_DIR / f"dino_{kind}_mnist5k_long.yaml").read_text())
+    # The budget of the BENCHMARKS.md section: 16 epochs, batch 32, K = 4096.
+    assert config["trainer"]["max_epochs"] == 16 and config["data"]["batch_size"] == 32
+    assert config["model"]["num_prototypes"] == 4096
+    assert config["model"]["prototypes"] == kind
+    if kind == "decoupled":
+        measured = ABLATIONS["re-seed stranded (100 idle steps)"]["gmm"]
+        assert measured.items() <= config["model"]["gmm"].items()
+    merged = model_section("default.yaml") | config["model"]
+    model = PrototypicalSSL(**merged, in_channels=1, image_size=28)
+    assert (model.gmm is None) == (kind == "joint")
+    if kind == "decoupled":
+        assert model.gmm.reseed_after == 100 and model.gmm.num_prototypes == 4096
