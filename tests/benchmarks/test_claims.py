@@ -68,10 +68,13 @@ def test_knn_gain_only_beyond_the_std_of_the_paired_differences() -> None:
 
 
 def test_ablation_lowers_uniqueness_or_usage() -> None:
-    assert claims.ablation_lowers([0.0], [-3.0]) == HOLDS
-    assert claims.ablation_lowers([-1.0], []) == HOLDS
+    assert claims.ablation_lowers([0.0], [-30.0]) == HOLDS
+    assert claims.ablation_lowers([-1.5], []) == HOLDS
     assert claims.ablation_lowers([0.0], [2.0]) == FAILS
-    assert claims.fewer_used_early([-10.0, -4.0]) == HOLDS
+    # Within the noise floors (1 point of unique %, 20 prototypes of usage): no effect.
+    assert claims.ablation_lowers([-0.2], [-10.0]) == FAILS
+    assert claims.fewer_used_early([-30.0, -24.0]) == HOLDS
+    assert claims.fewer_used_early([-10.0, -4.0]) == FAILS
     assert claims.fewer_used_early([5.0]) == FAILS
 
 
