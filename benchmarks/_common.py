@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
@@ -121,6 +122,42 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             {key: float(value) for key, value in row.items() if value not in ("", None)}
             for row in csv.DictReader(handle)
         ]
+    return summary
+
+
+class _HparamsLoader(yaml.SafeLoader):
+    """Safe YAML loading of Lightning's ``hparams.yaml``, whose tuples carry a Python tag."""
+
+
+_HparamsLoader.add_constructor(
+    "tag:yaml.org,2002:python/tuple",
+    lambda loader, node: loader.construct_sequence(node),  # type: ignore[arg-type]
+)
+
+
+def reusable_run(
+    run_dir: Path, *, epochs: int, model: dict[str, Any], data: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A finished run in ``run_dir`` made with these settings (:func:`load_run`), else None.
+
+    The run counts only when its ``summary.json`` has the same number of epochs and every key
+    of ``model`` and ``data`` has the same value in its ``hparams.yaml`` (tuples compared as
+    lists), so a run folder left by another configuration under the same name is retrained
+    rather than silently reported. Settings the run left at their defaults are not
+    recorded there: a changed default is not detected.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").exists() or not (run_dir / "hparams.yaml").exists():
+        return None
+    summary = load_run(run_dir)
+    if summary.get("epochs") != epochs:
+        return None
+    hparams = yaml.load((run_dir / "hparams.yaml").read_text(), Loader=_HparamsLoader) or {}
+    for key, wanted in {**model, **data}.items():
+        if isinstance(wanted, tuple):
+            wanted = list(wanted)
+        if hparams.get(key) != wanted:
+            return None
     return summary
 
 

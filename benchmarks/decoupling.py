@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     column,
     command_line,
-    load_run,
     machine_line,
     mean_std,
     replace_section,
+    reusable_run,
     train_run,
 )
 
@@ -166,17 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         if (label, seed) in results:
             return results[(label, seed)]
         run_dir = args.out / f"{label.replace(' ', '_')}-seed{seed}"
-        done = run_dir / "summary.json"
         model = {"num_prototypes": args.num_prototypes, **overrides}
-        if args.reuse and done.exists():
-            previous = load_run(run_dir)
-            same_budget = (previous.get("epochs"), previous.get("num_prototypes")) == (
-                args.epochs,
-                model["num_prototypes"],
-            )
-            if same_budget:
-                print(f"=== {label}, seed {seed}: reusing {run_dir}", flush=True)
-                return previous
+        previous = (
+            reusable_run(run_dir, epochs=args.epochs, model=model, data=data)
+            if args.reuse
+            else None
+        )
+        if previous is not None:
+            print(f"=== {label}, seed {seed}: reusing {run_dir}", flush=True)
+            return previous
         print(f"=== {label}, seed {seed} -> {run_dir}", flush=True)
         return train_run(
             run_dir,

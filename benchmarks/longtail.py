@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     command_line,
-    load_run,
     machine_line,
     mean_std,
     replace_section,
+    reusable_run,
     train_run,
 )
 
@@ -158,20 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for kind in KINDS:
             run_dir = args.out / f"{kind}-rho{args.rho:g}-seed{seed}"
-            done = run_dir / "summary.json"
-            previous = load_run(run_dir) if args.reuse and done.exists() else {}
-            if previous.get("epochs") == args.epochs and "longtail" in previous:
+            model = {"prototypes": kind, **args.model}
+            previous = (
+                reusable_run(run_dir, epochs=args.epochs, model=model, data=data)
+                if args.reuse
+                else None
+            )
+            if previous is not None and "longtail" in previous:
                 print(f"=== {kind}, rho {args.rho:g}, seed {seed}: reusing {run_dir}", flush=True)
                 summary = previous
             else:
                 print(f"=== {kind}, rho {args.rho:g}, seed {seed} -> {run_dir}", flush=True)
-                summary = train_run(
-                    run_dir,
-                    epochs=args.epochs,
-                    seed=seed,
-                    model={"prototypes": kind, **args.model},
-                    data=data,
-                )
+                summary = train_run(run_dir, epochs=args.epochs, seed=seed, model=model, data=data)
             if "longtail" not in summary:
                 raise SystemExit(f"{run_dir}: no long-tail analysis in summary.json")
             summary["class_counts"] = json.loads((run_dir / "class_counts.json").read_text())

@@ -59,3 +59,34 @@ def test_replace_section_replaces_only_its_own_block(tmp_path: Path) -> None:
         "# Benchmarks\n\nintro\n\n<!-- BEGIN a -->\nsecond A\n<!-- END a -->\n\n"
         "<!-- BEGIN b -->\nonly B\n<!-- END b -->\n"
     )
+
+
+def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import reusable_run
+    finally:
+        sys.path.pop(0)
+    run = tmp_path / "decoupled-seed0"
+    run.mkdir()
+    (run / "summary.json").write_text('{"epochs": 16, "knn/top1": 0.9}')
+    (run / "metrics.csv").write_text("step,loss\n0,6.5\n")
+    # As Lightning writes it: tuples carry a Python tag that yaml.safe_load refuses.
+    (run / "hparams.yaml").write_text(
+        "prototypes: decoupled\nnum_prototypes: 4096\ngmm:\n  reseed_after: 100\n"
+        "batch_size: 32\nglobal_scale: !!python/tuple\n- 0.4\n- 1.0\n"
+    )
+    model = {"prototypes": "decoupled", "num_prototypes": 4096, "gmm": {"reseed_after": 100}}
+    data = {"batch_size": 32, "global_scale": (0.4, 1.0)}
+
+    found = reusable_run(run, epochs=16, model=model, data=data)
+    assert (
+        found is not None
+        and found["knn/top1"] == 0.9
+        and found["rows"] == [{"step": 0.0, "loss": 6.5}]
+    )
+    # Another budget, another override, another data key, or an unfinished run: retrain.
+    assert reusable_run(run, epochs=5, model=model, data=data) is None
+    assert reusable_run(run, epochs=16, model={**model, "gmm": None}, data=data) is None
+    assert reusable_run(run, epochs=16, model=model, data={"batch_size": 128}) is None
+    assert reusable_run(tmp_path / "missing", epochs=16, model=model, data=data) is None
