@@ -25,7 +25,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from protogmm.cli import main
-from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.checkpoints import load_module
+from protogmm.training.datamodule import SSLDataModule, datamodule_from_checkpoint
 from protogmm.training.distributed import check_launch
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import (
@@ -137,6 +138,12 @@ def test_loading_is_weights_only_and_errors_name_the_file(tmp_path: Path) -> Non
         read_checkpoint(truncated)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "missing.ckpt")
+    # Every reader of a checkpoint goes through read_checkpoint: same one-line errors.
+    for reader in (load_module, datamodule_from_checkpoint):
+        with pytest.raises(ValueError, match=r"code\.ckpt: cannot be read as a weights-only"):
+            reader(pickled_code)
+        with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+            reader(tmp_path / "missing.ckpt")
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resumes(

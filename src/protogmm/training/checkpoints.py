@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from protogmm.training.module import PrototypicalSSL
+from protogmm.training.reliability import read_checkpoint
 
 
 def load_module(path: str | Path, *, trained: bool = True) -> PrototypicalSSL:
@@ -25,15 +26,7 @@ def load_module(path: str | Path, *, trained: bool = True) -> PrototypicalSSL:
         FileNotFoundError: no such file.
         ValueError: the file is not a protogmm training checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 (any unpickling failure: one line naming the file)
-        raise ValueError(
-            f"{path}: cannot be read as a weights-only checkpoint ({type(error).__name__})"
-        ) from None
+    checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(
         checkpoint
     ):

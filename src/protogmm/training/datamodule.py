@@ -58,7 +58,11 @@ from protogmm.data import (
 )
 from protogmm.data.longtail import LongTailSubset
 from protogmm.evaluation.longtail import FrequencyGroups, frequency_groups
-from protogmm.training.reliability import ResumableDataLoader, ResumableDistributedSampler
+from protogmm.training.reliability import (
+    ResumableDataLoader,
+    ResumableDistributedSampler,
+    read_checkpoint,
+)
 
 DatasetName = Literal["mnist5k", "synthetic", "folder", "cifar10", "cifar100"]
 DATASETS: tuple[str, ...] = ("mnist5k", "synthetic", "folder", "cifar10", "cifar100")
@@ -470,20 +474,8 @@ def datamodule_from_checkpoint(path: str | Path, **overrides: Any) -> SSLDataMod
         FileNotFoundError: no such file.
         ValueError: the checkpoint holds no data-module arguments.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 (any unpickling failure: one line naming the file)
-        raise ValueError(
-            f"{path}: cannot be read as a weights-only checkpoint ({type(error).__name__})"
-        ) from None
-    stored = (
-        checkpoint.get(SSLDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
-        if isinstance(checkpoint, dict)
-        else None
-    )
+    checkpoint = read_checkpoint(path)
+    stored = checkpoint.get(SSLDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
     if not stored:
         raise ValueError(f"{path}: holds no data-module arguments; pass --data NAME instead")
     accepted = set(inspect.signature(SSLDataModule.__init__).parameters) - {"self"}
