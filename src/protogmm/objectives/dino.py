@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protogmm._checks import check_in_range, check_positive_int
+from protogmm.objectives._centering import centred_softmax, compute_dtype, update_center_
 
 
 def _check_views(name: str, x: object, num_prototypes: int) -> Tensor:
@@ -40,12 +40,6 @@ def _check_views(name: str, x: object, num_prototypes: int) -> Tensor:
 
 def _check_temperature(name: str, value: float) -> float:
     return check_in_range(name, value, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # At least float32 (softmax of scores / 0.04 overflows or loses mass in half precision),
-    # but keep float64 when given so reference tests can be exact.
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 class DINOLoss(nn.Module):
@@ -108,9 +102,7 @@ class DINOLoss(nn.Module):
         """
         _check_views("teacher_scores", teacher_scores, self.num_prototypes)
         tau = _check_temperature("teacher_temperature", teacher_temperature)
-        dtype = _compute_dtype(teacher_scores)
-        centred = teacher_scores.detach().to(dtype) - self.center.to(dtype)
-        return F.softmax(centred / tau, dim=-1)
+        return centred_softmax(teacher_scores, self.center, tau)
 
     @torch.no_grad()
     def update_center(self, teacher_scores: Tensor) -> None:
@@ -124,16 +116,8 @@ class DINOLoss(nn.Module):
             teacher_scores: ``[V_t, B, K]`` teacher cosine scores.
         """
         _check_views("teacher_scores", teacher_scores, self.num_prototypes)
-        rows = teacher_scores.detach().reshape(-1, self.num_prototypes)
-        batch_center = rows.to(_compute_dtype(rows)).sum(dim=0, keepdim=True)
-        count = rows.shape[0]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(batch_center)
-            count *= dist.get_world_size()
-        batch_center = batch_center / count
-        m = self.center_momentum
-        # In place, so the buffer object that DDP/EMA/checkpoints refer to stays the same.
-        self.center.copy_(self.center * m + batch_center.to(self.center.dtype) * (1.0 - m))
+        rows = teacher_scores.reshape(-1, self.num_prototypes)
+        update_center_(self.center, rows, self.center_momentum)
 
     def forward(
         self,
@@ -204,7 +188,7 @@ class DINOLoss(nn.Module):
                 f"{tuple(student_scores.shape)}, got shape {tuple(teacher.shape)}"
             )
 
-        dtype = _compute_dtype(student_scores)
+        dtype = compute_dtype(student_scores)
         if teacher_scores is not None:
             targets = self.teacher_distribution(teacher_scores, teacher_temperature)
         else:

@@ -23,18 +23,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protogmm._checks import check_in_range, check_matrix, check_positive_int
+from protogmm.objectives._centering import centred_softmax, compute_dtype, update_center_
 
 __all__ = ["IBOTPatchLoss"]
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # At least float32 (softmax of scores / 0.04 loses mass in half precision); float64 stays.
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 class IBOTPatchLoss(nn.Module):
@@ -84,9 +79,7 @@ class IBOTPatchLoss(nn.Module):
         tau = check_in_range(
             "teacher_temperature", teacher_temperature, 0.0, math.inf, low_inclusive=False
         )
-        dtype = _compute_dtype(teacher_scores)
-        centred = teacher_scores.detach().to(dtype) - self.center.to(dtype)
-        return F.softmax(centred / tau, dim=-1)
+        return centred_softmax(teacher_scores, self.center, tau)
 
     @torch.no_grad()
     def update_center(self, teacher_scores: Tensor) -> None:
@@ -102,15 +95,8 @@ class IBOTPatchLoss(nn.Module):
                 f"teacher_scores must have shape [N, P, {self.num_prototypes}], got "
                 f"{tuple(teacher_scores.shape)}"
             )
-        per_image = teacher_scores.detach().to(_compute_dtype(teacher_scores)).mean(dim=1)
-        batch_center = per_image.sum(dim=0, keepdim=True)
-        count = per_image.shape[0]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(batch_center)
-            count *= dist.get_world_size()
-        batch_center = batch_center / count
-        m = self.center_momentum
-        self.center.copy_(self.center * m + batch_center.to(self.center.dtype) * (1.0 - m))
+        per_image = teacher_scores.detach().to(compute_dtype(teacher_scores)).mean(dim=1)
+        update_center_(self.center, per_image, self.center_momentum)
 
     def forward(self, student_scores: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
         """The masked-patch loss ``L_MIM`` (module docstring).
@@ -143,7 +129,7 @@ class IBOTPatchLoss(nn.Module):
                     f"{name} must have one row per masked patch ({num_masked}), got shape "
                     f"{tuple(x.shape)}"
                 )
-        dtype = _compute_dtype(student_scores)
+        dtype = compute_dtype(student_scores)
         log_probs = F.log_softmax(student_scores.to(dtype) / self.student_temperature, dim=-1)
         cross_entropy = -(teacher_probs.detach().to(dtype) * log_probs).sum(dim=-1)  # [M]
         # Sum the masked tokens of each (view, image), then divide by their number.

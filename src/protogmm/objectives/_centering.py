@@ -1,0 +1,47 @@
+"""What DINO's and iBOT's teachers share: the centred, sharpened softmax and the centre's EMA.
+
+Caron et al. (2021), Eq. (3)-(4); Zhou et al. (2022) apply the same to the patch tokens with
+their own centre ``C2``. Kept in one place so the [CLS] and patch paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """At least float32 (softmax of scores / 0.04 overflows or loses mass in half precision),
+    but float64 stays float64 so that reference tests can be exact."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def centred_softmax(scores: Tensor, center: Tensor, temperature: float) -> Tensor:
+    """``softmax((t - C) / tau)`` over the last axis, detached, in :func:`compute_dtype`."""
+    dtype = compute_dtype(scores)
+    return F.softmax((scores.detach().to(dtype) - center.to(dtype)) / temperature, dim=-1)
+
+
+@torch.no_grad()
+def update_center_(center: Tensor, rows: Tensor, momentum: float) -> None:
+    """``C <- m C + (1 - m) mean(rows)``, in place, the mean taken over all ranks.
+
+    Args:
+        center: ``[1, K]`` buffer, updated in place (so the object that DDP, the EMA and the
+            checkpoints refer to stays the same).
+        rows: ``[N, K]`` the rows whose mean is this step's centre (DINO: every teacher
+            score; iBOT: each image's mean patch score). Under ``torch.distributed`` with
+            more than one process, the sum is all-reduced and divided by ``N * world_size``
+            (equal batch sizes per rank, as DINO and iBOT assume).
+        momentum: ``m`` in ``[0, 1]``.
+    """
+    rows = rows.detach()
+    batch_center = rows.to(compute_dtype(rows)).sum(dim=0, keepdim=True)
+    count = rows.shape[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(batch_center)
+        count *= dist.get_world_size()
+    batch_center = batch_center / count
+    center.copy_(center * momentum + batch_center.to(center.dtype) * (1.0 - momentum))
