@@ -35,7 +35,7 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +53,14 @@ from protogmm.objectives import DINOLoss  # noqa: E402
 from protogmm.prototypes import LearnedPrototypes, OnlineGMM  # noqa: E402
 
 HEADS = ("joint", "decoupled")
+#: Other settings of the decoupled head, timed beside it (``--variants``): label -> extra
+#: ``OnlineGMM`` arguments. Re-seeding only costs when a component is stranded, which a
+#: benchmark of a few steps never reaches at ``reseed_after = 100``; the worst case forces it
+#: at every step (every component counts as idle, so min(K, N_t) components move per step).
+VARIANTS: dict[str, dict[str, float | int | str]] = {
+    "isotropic": {"covariance": "isotropic"},
+    "re-seed at every step (worst case)": {"reseed_after": 1, "reseed_min_mass": 1e9},
+}
 #: Where the product counts of :meth:`Setting.products` meet: 1 + 3r = 5 + 2r at
 #: r = N_s / N_t = (2 + L) / 2 = 4, i.e. L = 6 local views.
 BREAK_EVEN_LOCAL_VIEWS = 6
@@ -151,11 +159,21 @@ class JointHead:
 
 
 class DecoupledHead:
-    """The decoupled head: one online GMM, fitted to the teacher, scoring both networks."""
+    """The decoupled head: one online GMM, fitted to the teacher, scoring both networks.
 
-    def __init__(self, setting: Setting, seed: int = 0) -> None:
+    ``gmm_kwargs`` are extra :class:`OnlineGMM` arguments (a :data:`VARIANTS` entry).
+    """
+
+    def __init__(
+        self,
+        setting: Setting,
+        seed: int = 0,
+        gmm_kwargs: dict[str, float | int | str] | None = None,
+    ) -> None:
         self.setting = setting
-        self.gmm = OnlineGMM(setting.k, setting.dim, seed=seed).to(setting.device)
+        self.gmm = OnlineGMM(setting.k, setting.dim, seed=seed, **(gmm_kwargs or {})).to(
+            setting.device
+        )
         self.loss = DINOLoss(setting.k).to(setting.device)
 
     def step(self, teacher_embeddings: Tensor, student_embeddings: Tensor) -> None:
@@ -178,7 +196,10 @@ class DecoupledHead:
 
 
 def build_head(name: str, setting: Setting) -> JointHead | DecoupledHead:
-    return JointHead(setting) if name == "joint" else DecoupledHead(setting)
+    """``joint``, ``decoupled`` or a :data:`VARIANTS` label (a decoupled head)."""
+    if name == "joint":
+        return JointHead(setting)
+    return DecoupledHead(setting, gmm_kwargs=VARIANTS.get(name))
 
 
 # ---------------------------------------------------------------------------- timing
@@ -215,9 +236,14 @@ def floor_calls(setting: Setting) -> dict[str, Callable[[], object]]:
 
 
 def time_setting(
-    setting: Setting, *, warmup: int, repeats: int, steps: int
+    setting: Setting,
+    *,
+    warmup: int,
+    repeats: int,
+    steps: int,
+    variants: Sequence[str] = (),
 ) -> tuple[dict[str, float], dict[str, JointHead | DecoupledHead], tuple[Tensor, Tensor]]:
-    """Median seconds per step of both heads and of the floor, alternated over repeats.
+    """Median seconds per step of both heads, the ``variants`` and the floor, alternated.
 
     Each repeat times ``steps`` consecutive steps of every configuration, in an order that
     rotates from one repeat to the next, so that no configuration always runs first (or
@@ -225,14 +251,14 @@ def time_setting(
     k-means initialisation and AdamW's state allocation) are not timed.
     """
     teacher, student = make_inputs(setting)
-    heads = {name: build_head(name, setting) for name in HEADS}
+    heads = {name: build_head(name, setting) for name in (*HEADS, *variants)}
     calls: dict[str, Callable[[], object]] = {
         name: (lambda head=head: head.step(teacher, student)) for name, head in heads.items()
     }
     floors = floor_calls(setting)
     calls.update(floors)
     # The floor is far cheaper than a step: time more calls of it per repeat.
-    calls_per_repeat = {name: steps for name in HEADS} | {name: 4 * steps for name in floors}
+    calls_per_repeat = {name: steps for name in heads} | {name: 4 * steps for name in floors}
     for fn in calls.values():
         for _ in range(warmup):
             fn()
@@ -246,7 +272,8 @@ def time_setting(
                 seconds_per_call(calls[name], calls_per_repeat[name], setting.device)
             )
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    return medians, heads, (teacher, student)
+    # The variants are timed only; the unique count, profile and memory are the two heads'.
+    return medians, {name: heads[name] for name in HEADS}, (teacher, student)
 
 
 def time_unique_count(prototypes: Tensor) -> tuple[int, float]:
@@ -432,6 +459,39 @@ def cost_table(results: list[Result]) -> str:
     return markdown_table(header, rows)
 
 
+def variants_table(results: list[Result], variants: Sequence[str]) -> str:
+    """Per K: each variant's ms/step beside the default decoupled head's and the joint's."""
+    rows = []
+    for result in results:
+        t = result.seconds
+        for variant in variants:
+            rows.append(
+                [
+                    f"{result.setting.k}",
+                    f"{result.setting.local_views}",
+                    variant,
+                    describe_variant(variant),
+                    f"{1e3 * t[variant]:.2f}",
+                    f"**{t[variant] / t['decoupled']:.2f}**",
+                    f"{t[variant] / t['joint']:.2f}",
+                ]
+            )
+    header = [
+        "K",
+        "local views L",
+        "decoupled variant",
+        "`OnlineGMM` arguments",
+        "ms/step",
+        "variant / default decoupled",
+        "variant / joint",
+    ]
+    return markdown_table(header, rows)
+
+
+def describe_variant(variant: str) -> str:
+    return "`" + ", ".join(f"{k}={v!r}" for k, v in VARIANTS[variant].items()) + "`"
+
+
 def unique_table(results: list[Result]) -> str:
     rows = []
     for result in results:
@@ -578,6 +638,18 @@ def section(
         "near-duplicates when K > N_t); 'in steps' = its time in units of that head's step.",
         unique_table(results),
     ]
+    if args.variants:
+        parts += [
+            "### Other settings of the decoupled head (time only)",
+            "Timed in the same process and alternation as the table above (same inputs, "
+            "same steps). Isotropic: one shared variance per component, so the E-step is a "
+            "d-wide product instead of 2d and the statistics a d-wide one (3 + 2r products "
+            "against 5 + 2r). Re-seeding at every step: the re-seeding path's own E-step "
+            "(which embeddings the updated mixture explains worst) is one more 2d-wide "
+            "product, an upper bound on what `reseed_after` costs in a step where some "
+            "component is stranded.",
+            variants_table(results, args.variants),
+        ]
     if profile is not None:
         kind = "CUDA" if args.device.startswith("cuda") else "CPU"
         parts += [
@@ -605,6 +677,14 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[8],
         help="one more row at the largest K per value (DINO uses 8 local crops)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        metavar="LABEL",
+        help="other decoupled settings timed beside the default (default: all)",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
@@ -649,7 +729,11 @@ def main(argv: list[str] | None = None) -> int:
     for setting, in_sweep in settings:
         print(f"=== K = {setting.k}, L = {setting.local_views}: timing", flush=True)
         seconds, heads, inputs = time_setting(
-            setting, warmup=args.warmup, repeats=args.repeats, steps=args.steps
+            setting,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            steps=args.steps,
+            variants=args.variants,
         )
         unique = {name: time_unique_count(head.prototypes()) for name, head in heads.items()}
         if in_sweep and setting.k == largest:
