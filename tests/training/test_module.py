@@ -9,7 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
+from protogmm.objectives import DINOLoss
+from protogmm.objectives.balancing import sinkhorn_knopp
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.runner import build_trainer
@@ -191,7 +194,7 @@ def test_gmm_annealing_spans_its_fraction_of_training(tmp_path: Path) -> None:
     assert model.gmm.beta == 1.0
 
 
-@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+@pytest.mark.parametrize("kind", ["joint", "decoupled", "partial"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, kind: str) -> None:
     full_model, _ = fit(tmp_path / "full", kind, epochs=3)
     # The same run crashes mid-way through its second epoch; last.ckpt is from epoch 1's end.
@@ -267,3 +270,81 @@ def test_posterior_targets_warn_without_balancing_only() -> None:
         tiny_model("decoupled", targets="posterior", target_balancing="sinkhorn")
         tiny_model("decoupled", targets="host")
         tiny_model("joint")
+
+
+# ---------------------------------------------------------------- partial (CAPI-style)
+
+
+def teacher_embeddings_and_views(model: PrototypicalSSL) -> tuple[list[torch.Tensor], torch.Tensor]:
+    data = tiny_data()
+    data.setup("fit")
+    views, _ = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=8)))
+    with torch.no_grad():
+        teacher = model.embed(model.teacher, views[:2])
+    return views, teacher
+
+
+def test_targets_and_loss_follow_the_capi_formulas() -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model("partial")
+    views, h = teacher_embeddings_and_views(model)
+    schedule = model.schedule_at(0, 10, 5)
+    w = F.normalize(model.clustering.weight.detach(), dim=1)
+    scores = F.normalize(h, dim=1) @ w.T  # [2B, K] cosines
+    # Targets: Sinkhorn-Knopp of the clustering layer's scores / 0.06, no centring.
+    expected_targets = sinkhorn_knopp(scores / 0.06).view(2, 8, -1)
+    targets = model.dino_targets(h, None, schedule)
+    torch.testing.assert_close(targets, expected_targets)
+    assert torch.equal(model.objective.center, torch.zeros_like(model.objective.center))
+    # Loss: DINO on the student's own (joint) prototypes + CE(targets, softmax(scores / 0.12)).
+    torch.manual_seed(1)
+    loss, _, metrics = model.dino_step(views, schedule)
+    with torch.no_grad():
+        student_scores = model.student["prototypes"](model.embed(model.student, views))
+    dino = DINOLoss(32)(student_scores.view(4, 8, -1), teacher_probs=expected_targets)
+    clustering = -(expected_targets.reshape(16, -1) * F.log_softmax(scores / 0.12, 1)).sum(1)
+    torch.testing.assert_close(metrics["train/clustering_loss"], clustering.mean())
+    # The student's views are augmented again by nothing here: same views, same scores.
+    torch.testing.assert_close(loss.detach(), dino + clustering.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_clustering_loss_trains_only_the_clustering_layer() -> None:
+    L.seed_everything(0, verbose=False)
+    model = tiny_model("partial")
+    views, h = teacher_embeddings_and_views(model)
+    targets = model.dino_targets(h, None, model.schedule_at(0, 10, 5))
+    model.clustering_loss(h, targets).backward()
+    assert model.clustering.weight.grad is not None
+    assert float(model.clustering.weight.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in model.student.parameters())  # h is detached
+    # And the encoder's loss never reaches the clustering layer: a full step's gradient of
+    # the clustering layer is the clustering loss's alone.
+    model.zero_grad(set_to_none=True)
+    one_step_outside_a_trainer(model)
+    assert model.student["prototypes"].weight.grad is not None
+    assert any(p.grad is not None for p in model.student["backbone"].parameters())
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert id(model.clustering.weight) in optimised_parameters(model)
+    assert not any(id(p) in optimised_parameters(model) for p in model.teacher.parameters())
+
+
+def test_training_moves_the_clustering_layer_by_its_optimizer_not_by_the_ema(
+    tmp_path: Path,
+) -> None:
+    L.seed_everything(0, verbose=False)
+    initial = tiny_model("partial").clustering.weight.detach().clone()
+    model, trainer = fit(tmp_path, "partial", epochs=1)
+    assert trainer.global_step == 4
+    moved = model.clustering.weight.detach()
+    assert not torch.equal(moved, initial)
+    # The teacher's EMA copy of the student's prototypes is a different layer.
+    assert not torch.equal(model.teacher["prototypes"].weight, moved)
+    # Diagnostics measure the prototypes the targets come from: the clustering layer's.
+    torch.testing.assert_close(model.prototype_vectors(), F.normalize(moved, dim=1))
+
+
+@pytest.mark.parametrize("host", ["ibot", "carp"])
+def test_partial_is_refused_outside_dino_naming_both_keys(host: str) -> None:
+    with pytest.raises(ValueError, match=r"model\.prototypes.*model\.host") as error:
+        tiny_model("partial", host=host, carp_block_size=8)
+    assert "\n" not in str(error.value)
