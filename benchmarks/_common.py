@@ -7,6 +7,7 @@ numbers in the file are always the output of the last run of the script that own
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -46,6 +47,20 @@ def command_line() -> str:
     except ValueError:
         pass
     return "scripts/dev python " + shlex.join([str(script), *sys.argv[1:]])
+
+
+def add_labels_argument(
+    parser: argparse.ArgumentParser, flag: str, labels: Sequence[str], what: str
+) -> None:
+    """``flag LABEL ...``: a subset of ``labels`` (the rows of a table), all by default."""
+    parser.add_argument(
+        flag,
+        nargs="*",
+        default=list(labels),
+        choices=list(labels),
+        metavar="LABEL",
+        help=f"{what} (default: all)",
+    )
 
 
 def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
@@ -143,8 +158,11 @@ def reusable_run(
     The run counts only when its ``summary.json`` has the same number of epochs and every key
     of ``model`` and ``data`` has the same value in its ``hparams.yaml`` (tuples compared as
     lists), so a run folder left by another configuration under the same name is retrained
-    rather than silently reported. Settings the run left at their defaults are not
-    recorded there: a changed default is not detected.
+    rather than silently reported. A decoupled run also records its mixture's resolved
+    settings (``summary["gmm"]``, defaults included): they must equal what
+    :class:`~protogmm.prototypes.OnlineGMM` resolves today for ``model["gmm"]``, so a run made
+    before a default changed is retrained too (``anneal_steps``, derived from the budget, is
+    not compared). Runs from before that record existed are judged by ``hparams.yaml`` alone.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists() or not (run_dir / "hparams.yaml").exists():
@@ -158,7 +176,24 @@ def reusable_run(
             wanted = list(wanted)
         if hparams.get(key) != wanted:
             return None
+    if "gmm" in summary and summary.get("prototypes") == "decoupled":
+        if summary["gmm"] != resolved_gmm_settings(model.get("gmm"), summary["gmm"]):
+            return None
     return summary
+
+
+def resolved_gmm_settings(
+    overrides: dict[str, Any] | None, recorded: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``OnlineGMM`` resolves today for ``overrides``, in the shape of ``recorded``
+    (a run's ``summary["gmm"]``), with the budget-derived ``anneal_steps`` taken from it."""
+    from protogmm.prototypes import OnlineGMM
+
+    # A one-component mixture resolves the arguments exactly as the run's did (its rules,
+    # e.g. mixing_eta from eta and the forgetting, are OnlineGMM's own).
+    resolved = OnlineGMM(1, 1, **(overrides or {})).settings()
+    resolved["anneal_steps"] = recorded.get("anneal_steps")
+    return {name: resolved.get(name) for name in recorded}
 
 
 def column(summary: dict[str, Any], key: str) -> list[float]:

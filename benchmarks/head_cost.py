@@ -45,7 +45,13 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PeakMemory, command_line, machine_line, replace_section  # noqa: E402
+from _common import (  # noqa: E402
+    PeakMemory,
+    add_labels_argument,
+    command_line,
+    machine_line,
+    replace_section,
+)
 
 from protogmm.diagnostics import unique_prototypes  # noqa: E402
 from protogmm.models import make_teacher, update_ema_  # noqa: E402
@@ -678,13 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[8],
         help="one more row at the largest K per value (DINO uses 8 local crops)",
     )
-    parser.add_argument(
-        "--variants",
-        nargs="*",
-        default=list(VARIANTS),
-        choices=list(VARIANTS),
-        metavar="LABEL",
-        help="other decoupled settings timed beside the default (default: all)",
+    add_labels_argument(
+        parser, "--variants", list(VARIANTS), "other decoupled settings timed beside the default"
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")

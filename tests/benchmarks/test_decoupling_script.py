@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from protogmm.prototypes import OnlineGMM
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def benchmarks_common() -> ModuleType:
+    """``benchmarks/_common.py`` (a script folder, not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+    return _common
 
 
 @pytest.mark.slow
@@ -44,11 +58,7 @@ def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Pa
 
 
 def test_replace_section_replaces_only_its_own_block(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _common import replace_section
-    finally:
-        sys.path.pop(0)
+    replace_section = benchmarks_common().replace_section
     path = tmp_path / "B.md"
     path.write_text("# Benchmarks\n\nintro\n")
     replace_section("a", "first A", path)
@@ -62,11 +72,7 @@ def test_replace_section_replaces_only_its_own_block(tmp_path: Path) -> None:
 
 
 def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _common import reusable_run
-    finally:
-        sys.path.pop(0)
+    reusable_run = benchmarks_common().reusable_run
     run = tmp_path / "decoupled-seed0"
     run.mkdir()
     (run / "summary.json").write_text('{"epochs": 16, "knn/top1": 0.9}')
@@ -90,3 +96,29 @@ def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(tmp_path: P
     assert reusable_run(run, epochs=16, model={**model, "gmm": None}, data=data) is None
     assert reusable_run(run, epochs=16, model=model, data={"batch_size": 128}) is None
     assert reusable_run(tmp_path / "missing", epochs=16, model=model, data=data) is None
+
+
+def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
+    tmp_path: Path,
+) -> None:
+    reusable_run = benchmarks_common().reusable_run
+
+    run = tmp_path / "decoupled-seed0"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step\n0\n")
+    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm: null\n")
+    # Recorded as the mixture resolved it: a run from when re-seeding was off by default.
+    old_default = OnlineGMM(4, 3, reseed_after=None, anneal_steps=155).settings()
+    summary = {"epochs": 5, "prototypes": "decoupled", "gmm": old_default}
+    (run / "summary.json").write_text(json.dumps(summary))
+    data: dict[str, object] = {}
+
+    # hparams.yaml alone cannot tell (gmm: null either way); the recorded settings can.
+    assert reusable_run(run, epochs=5, model={"prototypes": "decoupled"}, data=data) is None
+    plain = {"prototypes": "decoupled", "gmm": {"reseed_after": None}}
+    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  reseed_after: null\n")
+    assert reusable_run(run, epochs=5, model=plain, data=data) is not None
+    # The budget-derived anneal_steps is not a setting to match.
+    summary["gmm"]["anneal_steps"] = 2000
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert reusable_run(run, epochs=5, model=plain, data=data) is not None

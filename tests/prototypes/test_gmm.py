@@ -252,6 +252,30 @@ def test_reseeding_never_stacks_two_means_on_one_embedding() -> None:
     assert int(gmm.num_reseeded) >= 4
 
 
+def test_reseeding_is_on_by_default_after_100_idle_steps_and_none_turns_it_off() -> None:
+    # The default that the 16-epoch benchmark chose: a component stranded away from the data
+    # moves at its 100th idle step, not before; reseed_after=None is plain online EM.
+    g = torch.Generator().manual_seed(11)
+    _, sample = sphere_mixture([1.0], dim=6, spread=0.05, generator=g)
+    default, plain = (
+        OnlineGMM(2, 6, anneal_steps=0),
+        OnlineGMM(2, 6, anneal_steps=0, reseed_after=None),
+    )
+    assert default.reseed_after == 100 and plain.reseed_after is None
+    stranded = -F.normalize(sample(1)[0], dim=1)  # the antipode of the data
+    for gmm in (default, plain):
+        gmm.update(torch.cat([sample(1)[0], stranded]))
+    batches = [sample(32)[0] for _ in range(101)]
+    for step, batch in enumerate(batches, start=1):
+        for gmm in (default, plain):
+            gmm.update(batch)
+        assert int(default.num_reseeded) == (0 if step < 100 else 1), step
+    assert int(plain.num_reseeded) == 0
+    data_centre = F.normalize(torch.cat(batches).mean(0), dim=0)
+    assert float((default.prototypes() @ data_centre).min()) > 0.9
+    assert float((plain.prototypes() @ data_centre).min()) < 0.0  # still at the antipode
+
+
 # --------------------------------------------------------------------------- interface
 def test_forward_is_cosine_and_no_gradient_reaches_the_mixture() -> None:
     gmm = OnlineGMM(6, 5)

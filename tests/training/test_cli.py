@@ -89,7 +89,11 @@ def test_fit_writes_a_run_directory_with_the_resolved_config(tmp_path: Path) -> 
     ):
         assert (run_dir / name).exists(), name
     assert "num_prototypes: 32" in (run_dir / "config.yaml").read_text()
-    assert json.loads((run_dir / "summary.json").read_text())["num_prototypes"] == 32
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_prototypes"] == 32 and summary["prototypes"] == "decoupled"
+    # The mixture's settings as resolved, defaults included (re-seeding on by default).
+    assert summary["gmm"]["reseed_after"] == 100 and summary["gmm"]["covariance"] == "diagonal"
+    assert summary["gmm"]["anneal_steps"] == round(0.1 * summary["steps"])
 
 
 def test_unknown_command_and_help() -> None:

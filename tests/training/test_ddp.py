@@ -67,6 +67,16 @@ VARIANTS = {
     "joint": {"prototypes": "joint"},
     "carp": {"host": "carp", "prototypes": "decoupled", "carp_block_size": 8},
 }
+#: Re-seeding (on by default, here forced at every step): rank 0 picks the targets among its
+#: own rows and broadcasts them, so the ranks agree with each other but not with one process
+#: that sees the whole batch (compared to each other only).
+RANK_DEPENDENT = {
+    "decoupled-reseed": {
+        "prototypes": "decoupled",
+        "gmm": {"reseed_after": 1, "reseed_min_mass": 0.5},
+    },
+}
+ALL_VARIANTS = VARIANTS | RANK_DEPENDENT
 TINY_DATA = {
     "dataset": "synthetic",
     "batch_size": PER_RANK,
@@ -86,7 +96,7 @@ def fixed_inputs(path: Path) -> None:
         views += [torch.randn(WORLD * PER_RANK, 1, 8, 8, generator=generator) for _ in range(2)]
         batches.append(views)
     models = {}
-    for kind, variant in VARIANTS.items():
+    for kind, variant in ALL_VARIANTS.items():
         torch.manual_seed(0)
         model = PrototypicalSSL(**variant, **BATCH_NORM_FREE)
         if model.gmm is not None:
@@ -130,7 +140,7 @@ def fixed_batch_fit(
     inputs: dict[str, Any], kind: str, world: int, rank: int, poison: tuple | None = None
 ) -> tuple[PrototypicalSSL, NonFiniteGuard]:
     """``STEPS`` steps on the fixed batches, on ``world`` processes (1: the reference)."""
-    model = PrototypicalSSL(**VARIANTS[kind], **BATCH_NORM_FREE)
+    model = PrototypicalSSL(**ALL_VARIANTS[kind], **BATCH_NORM_FREE)
     model.load_state_dict(inputs["models"][kind])
     guard = NonFiniteGuard("skip")
     trainer = L.Trainer(
@@ -202,7 +212,7 @@ def worker(out: Path, scenarios: list[str]) -> None:
         torch.load(out / "inputs.pt", weights_only=True) if (out / "inputs.pt").exists() else {}
     )
     if "fixed" in scenarios:
-        for kind in VARIANTS:
+        for kind in ALL_VARIANTS:
             model, _ = fixed_batch_fit(inputs, kind, WORLD, rank)
             torch.save(state_of(model), out / f"fixed-{kind}-rank{rank}.pt")
         # Sinkhorn-Knopp on this rank's rows of one logits matrix whose rank-1 half peaks
@@ -320,6 +330,18 @@ def test_two_ranks_hold_one_model_equal_to_one_process(two_ranks: Path, kind: st
     }[kind]
     assert trained <= set(moved)  # the compared state did train
     assert any(name.startswith("student.backbone.") for name in moved)
+
+
+def test_reseeding_keeps_one_mixture_on_every_rank(two_ranks: Path) -> None:
+    rank0, rank1 = (load(two_ranks, "fixed-decoupled-reseed", rank) for rank in range(WORLD))
+    # Different rows on each rank, yet the same stranded set (all-reduced counts) and rank 0's
+    # targets everywhere (broadcast): one mixture, bit for bit.
+    assert_bit_identical(rank0, rank1)
+    inputs = torch.load(two_ranks / "inputs.pt", weights_only=True)
+    assert int(rank0["gmm.num_reseeded"]) > 0
+    initial = inputs["models"]["decoupled-reseed"]["gmm.mean"]
+    moved = (rank0["gmm.mean"] - initial).norm(dim=1) > 1e-3
+    assert int(moved.sum()) >= 1
 
 
 def test_sinkhorn_balances_over_the_global_batch(two_ranks: Path) -> None:

@@ -26,7 +26,7 @@ Per step ``t``, with ``h`` the ``[N, d]`` teacher embeddings projected onto the 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -99,9 +99,14 @@ class OnlineGMM(PrototypeSet):
         kmeanspp_max_seeds: above this K the sequential k-means++ seeding is replaced by a
             random choice of distinct embeddings (k-means++ costs K sequential passes).
         reseed_after: re-seed a component after this many consecutive steps with batch
-            responsibility below ``reseed_min_mass`` (None: never). Stranded components are
-            moved onto the worst-explained embeddings of the current batch, one component per
-            embedding (longest idle first; the rest wait for later batches).
+            responsibility below ``reseed_min_mass`` (None: never, the paper's plain online
+            EM). Stranded components are moved onto the worst-explained embeddings of the
+            current batch, one component per embedding (longest idle first; the rest wait
+            for later batches). On by default because, measured (BENCHMARKS.md, "Decoupling
+            at small scale", 16 epochs at batch 32, K = 4096), a mixture that sees few
+            embeddings per component strands most of them: their means freeze where
+            initialisation put them while the encoder moves, and the decoupled encoder ends
+            below the untrained one; re-seeding keeps the means on the current embeddings.
         reseed_min_mass: the responsibility mass under which a step counts as idle.
         chunk_size: components per chunk of the E-step and statistics products.
         center_momentum: if set, the mixture lives on *centred* embeddings: a running mean
@@ -134,7 +139,7 @@ class OnlineGMM(PrototypeSet):
         init_samples: int = 0,
         kmeans_iters: int = 5,
         kmeanspp_max_seeds: int = 4096,
-        reseed_after: int | None = None,
+        reseed_after: int | None = 100,
         reseed_min_mass: float = 1e-3,
         chunk_size: int = 4096,
         center_momentum: float | None = None,
@@ -546,9 +551,36 @@ class OnlineGMM(PrototypeSet):
         self.idle_steps[stranded] = 0
         self.num_reseeded += stranded.numel()
 
+    #: The constructor arguments :meth:`settings` reports (all but K and d).
+    SETTINGS = (
+        "covariance",
+        "forgetting",
+        "eta",
+        "mixing",
+        "mixing_eta",
+        "beta0",
+        "anneal_steps",
+        "var_floor",
+        "n_init",
+        "init_samples",
+        "kmeans_iters",
+        "kmeanspp_max_seeds",
+        "reseed_after",
+        "reseed_min_mass",
+        "chunk_size",
+        "center_momentum",
+        "seed",
+    )
+
+    def settings(self) -> dict[str, Any]:
+        """Every constructor argument as resolved (defaults included), JSON-serialisable.
+
+        A run records them (``summary.json``) so that a later change of a default cannot make
+        an old run pass for one made with the new default.
+        """
+        return {name: getattr(self, name) for name in self.SETTINGS}
+
     def extra_repr(self) -> str:
-        return (
-            f"num_prototypes={self.num_prototypes}, dim={self.dim}, covariance={self.covariance}, "
-            f"forgetting={self.forgetting}, eta={self.eta}, mixing={self.mixing}, "
-            f"beta0={self.beta0}, anneal_steps={self.anneal_steps}, var_floor={self.var_floor}"
+        return f"num_prototypes={self.num_prototypes}, dim={self.dim}, " + ", ".join(
+            f"{name}={value}" for name, value in self.settings().items()
         )

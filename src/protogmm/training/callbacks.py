@@ -326,6 +326,11 @@ class RunReport(L.Callback):
             ),
             "peak_memory_mb": peak_memory_mb(pl_module.device),
         }
+        mixture = getattr(pl_module, "gmm", None)
+        if mixture is not None:
+            # Every mixture setting as resolved, defaults included: hparams.yaml holds only
+            # what the user passed, so it cannot tell runs before and after a default changed.
+            summary["gmm"] = mixture.settings()
         if knn is not None:
             summary.update(knn.baselines)
             if knn.history:
