@@ -70,7 +70,25 @@ DEFAULT_DIRS = {
     "decoupling": Path("runs/benchmarks/decoupling"),
     "longtail": Path("runs/benchmarks/longtail"),
     "hosts": Path("runs/benchmarks/hosts"),
+    "decoupling_long": Path("runs/benchmarks/decoupling-long"),
 }
+#: decoupling.py's arguments for its longer-horizon section (BENCHMARKS "... 16 epochs at
+#: batch 32, K = 4096"), the budget at which the encoder learns beyond its initialisation.
+LONG_HORIZON_ARGUMENTS = (
+    "--epochs",
+    "16",
+    "--batch-size",
+    "32",
+    "--num-prototypes",
+    "4096",
+    "--dense-every",
+    "50",
+    "--section",
+    "decoupling-long",
+    "--plot",
+    "docs/decoupling-long-collapse.png",
+)
+LONG_HORIZON_HOST = "DINO, 2,000 steps"
 UNIQUE_COLUMN = f"unique_pct/eps={CLAIM_EPS}"
 USAGE_COLUMN = "targets/argmax_used"
 #: hosts.py's hosts, as its run directories and as printed.
@@ -467,6 +485,7 @@ class Sources:
     decoupling: RunFolder
     longtail: RunFolder
     hosts: RunFolder
+    decoupling_long: RunFolder | None = None
     host_runs: list[HostRuns] = field(default_factory=list)
 
     def command(self, script: str, *arguments: str) -> str:
@@ -480,9 +499,20 @@ class Sources:
         return f"not measured (run: `{self.command(script, *arguments)}`)"
 
 
-def load_sources(decoupling_dir: Path, longtail_dir: Path, hosts_dir: Path) -> Sources:
-    """Read the three folders; the joint / decoupled runs of DINO, iBOT and CARP."""
-    sources = Sources(RunFolder(decoupling_dir), RunFolder(longtail_dir), RunFolder(hosts_dir))
+def load_sources(
+    decoupling_dir: Path,
+    longtail_dir: Path,
+    hosts_dir: Path,
+    decoupling_long_dir: Path | None = None,
+) -> Sources:
+    """Read the folders; the joint / decoupled runs of DINO, iBOT and CARP, and of DINO at the
+    longer horizon where both kinds have finished runs there."""
+    sources = Sources(
+        RunFolder(decoupling_dir),
+        RunFolder(longtail_dir),
+        RunFolder(hosts_dir),
+        RunFolder(decoupling_long_dir) if decoupling_long_dir is not None else None,
+    )
     sources.host_runs.append(
         HostRuns(
             "DINO",
@@ -500,6 +530,15 @@ def load_sources(decoupling_dir: Path, longtail_dir: Path, hosts_dir: Path) -> S
                 sources.not_measured("hosts", "--hosts", host),
             )
         )
+    if sources.decoupling_long is not None:
+        joint = sources.decoupling_long.runs("joint")
+        decoupled = sources.decoupling_long.runs("decoupled")
+        if joint and decoupled:
+            out = display_path(sources.decoupling_long.directory)
+            command = "scripts/dev python " + shlex.join(
+                ["benchmarks/decoupling.py", "--reuse", *LONG_HORIZON_ARGUMENTS, "--out", out]
+            )
+            sources.host_runs.append(HostRuns(LONG_HORIZON_HOST, joint, decoupled, command))
     return sources
 
 
@@ -831,13 +870,19 @@ def claim_8(sources: Sources) -> list[ClaimRow]:
     return rows
 
 
-def build_section(decoupling_dir: Path, longtail_dir: Path, hosts_dir: Path) -> str:
+def build_section(
+    decoupling_dir: Path,
+    longtail_dir: Path,
+    hosts_dir: Path,
+    decoupling_long_dir: Path | None = None,
+) -> str:
     """The Markdown of the "claims" section from whatever runs are finished."""
-    sources = load_sources(decoupling_dir, longtail_dir, hosts_dir)
+    sources = load_sources(decoupling_dir, longtail_dir, hosts_dir, decoupling_long_dir)
     rows = []
     for claim in (claim_1, claim_2, claim_3, claim_4, claim_5, claim_6, claim_7, claim_8):
         rows += claim(sources)
     folders = [sources.decoupling, sources.longtail, sources.hosts]
+    folders += [sources.decoupling_long] if sources.decoupling_long is not None else []
     unfinished = [f"{display_path(f.directory)}/{name}" for f in folders for name in f.unfinished]
     notes = (
         "Claim 9 (overhead) is the head-cost section's. Unique % is Definition 2.1 at the "
@@ -849,7 +894,8 @@ def build_section(decoupling_dir: Path, longtail_dir: Path, hosts_dir: Path) -> 
         [
             "## Paper claims at small scale (paper-notes §6, claims 1–8)",
             f"Command: `{command_line()}`, {datetime.date.today().isoformat()}; trains "
-            "nothing, reads the runs of `benchmarks/decoupling.py` (DINO), "
+            "nothing, reads the runs of `benchmarks/decoupling.py` (DINO at 5 epochs, and "
+            f"at the longer horizon as '{LONG_HORIZON_HOST}' where its runs exist), "
             "`benchmarks/longtail.py` and `benchmarks/hosts.py` (iBOT, CARP, KoLeo-proto).  \n"
             + notes,
             table(rows),
@@ -862,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoupling-dir", type=Path, default=DEFAULT_DIRS["decoupling"])
     parser.add_argument("--longtail-dir", type=Path, default=DEFAULT_DIRS["longtail"])
     parser.add_argument("--hosts-dir", type=Path, default=DEFAULT_DIRS["hosts"])
+    parser.add_argument("--decoupling-long-dir", type=Path, default=DEFAULT_DIRS["decoupling_long"])
     parser.add_argument(
         "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
     )
@@ -869,7 +916,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="for tests: read the given folders, print only"
     )
     args = parser.parse_args(argv)
-    section = build_section(args.decoupling_dir, args.longtail_dir, args.hosts_dir)
+    section = build_section(
+        args.decoupling_dir, args.longtail_dir, args.hosts_dir, args.decoupling_long_dir
+    )
     print(section, flush=True)
     if not args.no_write and not args.quick:
         replace_section("claims", section)

@@ -198,6 +198,8 @@ def test_section_judges_the_runs_it_finds(
                 str(tmp_path / "longtail"),
                 "--hosts-dir",
                 str(tmp_path / "hosts"),
+                "--decoupling-long-dir",
+                str(tmp_path / "decoupling-long"),
             ]
         )
         == 0
@@ -262,6 +264,8 @@ def test_long_tail_and_koleo_rows_come_from_their_own_folders(
             str(longtail),
             "--hosts-dir",
             str(hosts),
+            "--decoupling-long-dir",
+            str(tmp_path / "decoupling-long"),
         ]
     )
     section = capsys.readouterr().out
@@ -280,3 +284,33 @@ def test_long_tail_and_koleo_rows_come_from_their_own_folders(
     assert verdict["1 partial collapse (DINO)"].startswith(
         "not measured (run: `scripts/dev python benchmarks/decoupling.py --out "
     )
+
+
+def test_the_longer_horizon_gets_its_own_rows_only_where_both_kinds_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_dir = tmp_path / "decoupling-long"
+    flat = history([100] * 7, [100] * 7)
+    write_run(long_dir, "joint-seed0", summary(100.0, 0.92, 0.1), flat)
+    arguments = ["--quick", "--decoupling-dir", str(tmp_path / "decoupling")]
+    arguments += ["--longtail-dir", str(tmp_path / "longtail")]
+    arguments += ["--hosts-dir", str(tmp_path / "hosts")]
+    arguments += ["--decoupling-long-dir", str(long_dir)]
+
+    claims.main(arguments)  # joint alone: no row for the longer horizon
+    rows = verdicts(capsys.readouterr().out)
+    assert not [claim for claim in rows if claims.LONG_HORIZON_HOST in claim]
+
+    for seed, (joint, decoupled) in enumerate(((0.92, 0.95), (0.94, 0.95))):
+        if seed:
+            write_run(long_dir, f"joint-seed{seed}", summary(100.0, joint, 0.1), flat)
+        below = history([94] * 7, [100] * 7)
+        write_run(long_dir, f"decoupled-seed{seed}", summary(94.0, decoupled, 0.1), below)
+    claims.main(arguments)
+    section = capsys.readouterr().out
+    verdict = verdicts(section)
+    host = claims.LONG_HORIZON_HOST
+    assert verdict[f"5 k-NN parity or gain ({host})"] == "holds (gain)"  # +3 and +1
+    assert "difference 2.0 ± 1.4 (2 seeds) points" in section
+    assert verdict[f"1 partial collapse ({host})"] == FAILS  # joint stays at 100 %
+    assert verdict[f"3 no collapse when decoupled ({host})"] == FAILS  # 94 % < 99 %
