@@ -150,6 +150,11 @@ _HparamsLoader.add_constructor(
 )
 
 
+#: ``OnlineGMM`` defaults of the runs made before ``summary.json`` recorded the mixture's
+#: resolved settings (re-seeding became the default in the same change).
+LEGACY_GMM_DEFAULTS: dict[str, Any] = {"reseed_after": None}
+
+
 def reusable_run(
     run_dir: Path, *, epochs: int, model: dict[str, Any], data: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -158,11 +163,12 @@ def reusable_run(
     The run counts only when its ``summary.json`` has the same number of epochs and every key
     of ``model`` and ``data`` has the same value in its ``hparams.yaml`` (tuples compared as
     lists), so a run folder left by another configuration under the same name is retrained
-    rather than silently reported. A decoupled run also records its mixture's resolved
-    settings (``summary["gmm"]``, defaults included): they must equal what
-    :class:`~protogmm.prototypes.OnlineGMM` resolves today for ``model["gmm"]``, so a run made
-    before a default changed is retrained too (``anneal_steps``, derived from the budget, is
-    not compared). Runs from before that record existed are judged by ``hparams.yaml`` alone.
+    rather than silently reported. A decoupled run must also have been fitted with the
+    mixture settings that :class:`~protogmm.prototypes.OnlineGMM` resolves today for
+    ``model["gmm"]``, defaults included, so a run made before a default changed is retrained
+    too: the run's own record (``summary["gmm"]``), or, for a run from before that record
+    existed, its ``hparams.yaml`` overrides on :data:`LEGACY_GMM_DEFAULTS`. ``anneal_steps``
+    (derived from the budget) is not compared.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists() or not (run_dir / "hparams.yaml").exists():
@@ -176,24 +182,30 @@ def reusable_run(
             wanted = list(wanted)
         if hparams.get(key) != wanted:
             return None
-    if "gmm" in summary and summary.get("prototypes") == "decoupled":
-        if summary["gmm"] != resolved_gmm_settings(model.get("gmm"), summary["gmm"]):
+    if summary.get("prototypes") == "decoupled":
+        made_with = summary.get("gmm") or gmm_settings(
+            {**LEGACY_GMM_DEFAULTS, **(hparams.get("gmm") or {})}
+        )
+        if _without_anneal_steps(made_with) != _without_anneal_steps(
+            gmm_settings(model.get("gmm"))
+        ):
             return None
     return summary
 
 
-def resolved_gmm_settings(
-    overrides: dict[str, Any] | None, recorded: dict[str, Any]
-) -> dict[str, Any]:
-    """What ``OnlineGMM`` resolves today for ``overrides``, in the shape of ``recorded``
-    (a run's ``summary["gmm"]``), with the budget-derived ``anneal_steps`` taken from it."""
+def gmm_settings(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Every ``OnlineGMM`` setting as it resolves today for ``overrides``.
+
+    A one-component mixture resolves the arguments exactly as a run's would (its rules, e.g.
+    ``mixing_eta`` from ``eta`` and the forgetting, are OnlineGMM's own).
+    """
     from protogmm.prototypes import OnlineGMM
 
-    # A one-component mixture resolves the arguments exactly as the run's did (its rules,
-    # e.g. mixing_eta from eta and the forgetting, are OnlineGMM's own).
-    resolved = OnlineGMM(1, 1, **(overrides or {})).settings()
-    resolved["anneal_steps"] = recorded.get("anneal_steps")
-    return {name: resolved.get(name) for name in recorded}
+    return OnlineGMM(1, 1, **(overrides or {})).settings()
+
+
+def _without_anneal_steps(settings: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in settings.items() if name != "anneal_steps"}
 
 
 def column(summary: dict[str, Any], key: str) -> list[float]:

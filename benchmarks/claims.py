@@ -88,7 +88,6 @@ LONG_HORIZON_ARGUMENTS = (
     "--plot",
     "docs/decoupling-long-collapse.png",
 )
-LONG_HORIZON_HOST = "DINO, 2,000 steps"
 UNIQUE_COLUMN = f"unique_pct/eps={CLAIM_EPS}"
 USAGE_COLUMN = "targets/argmax_used"
 #: hosts.py's hosts, as its run directories and as printed.
@@ -538,7 +537,10 @@ def load_sources(
             command = "scripts/dev python " + shlex.join(
                 ["benchmarks/decoupling.py", "--reuse", *LONG_HORIZON_ARGUMENTS, "--out", out]
             )
-            sources.host_runs.append(HostRuns(LONG_HORIZON_HOST, joint, decoupled, command))
+            # Named by its budget, as the runs report it (e.g. "DINO, 2,000 steps").
+            steps = next(iter(joint.values())).summary.get("steps")
+            label = f"DINO, {steps:,} steps" if steps else "DINO, longer horizon"
+            sources.host_runs.append(HostRuns(label, joint, decoupled, command))
     return sources
 
 
@@ -895,7 +897,7 @@ def build_section(
             "## Paper claims at small scale (paper-notes §6, claims 1–8)",
             f"Command: `{command_line()}`, {datetime.date.today().isoformat()}; trains "
             "nothing, reads the runs of `benchmarks/decoupling.py` (DINO at 5 epochs, and "
-            f"at the longer horizon as '{LONG_HORIZON_HOST}' where its runs exist), "
+            "at the longer horizon as 'DINO, N steps' where its runs exist), "
             "`benchmarks/longtail.py` and `benchmarks/hosts.py` (iBOT, CARP, KoLeo-proto).  \n"
             + notes,
             table(rows),

@@ -122,3 +122,25 @@ def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
     summary["gmm"]["anneal_steps"] = 2000
     (run / "summary.json").write_text(json.dumps(summary))
     assert reusable_run(run, epochs=5, model=plain, data=data) is not None
+
+
+def test_reusable_run_reads_a_legacy_decoupled_run_under_the_old_defaults(
+    tmp_path: Path,
+) -> None:
+    # Runs from before summary.json recorded the mixture: re-seeding was off by default then.
+    reusable_run = benchmarks_common().reusable_run
+    run = tmp_path / "decoupled-seed0"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step\n0\n")
+    (run / "summary.json").write_text(json.dumps({"epochs": 16, "prototypes": "decoupled"}))
+    default = {"prototypes": "decoupled"}
+    plain = {"prototypes": "decoupled", "gmm": {"reseed_after": None}}
+
+    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm: null\n")
+    assert reusable_run(run, epochs=16, model=default, data={}) is None  # was plain EM
+    # (hparams.yaml records what was passed: the explicit None of a 'no re-seeding' run)
+    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  reseed_after: null\n")
+    assert reusable_run(run, epochs=16, model=plain, data={}) is not None
+    # A legacy run that asked for re-seeding explicitly is today's default.
+    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  reseed_after: 100\n")
+    assert reusable_run(run, epochs=16, model=default, data={}) is not None
