@@ -98,19 +98,24 @@ def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(tmp_path: P
     assert reusable_run(tmp_path / "missing", epochs=16, model=model, data=data) is None
 
 
+def decoupled_run(tmp_path: Path, summary: dict[str, object], gmm: str) -> Path:
+    """A finished decoupled run folder: ``summary.json``, ``hparams.yaml`` (``gmm: <gmm>``)."""
+    run = tmp_path / "decoupled-seed0"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step\n0\n")
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "hparams.yaml").write_text(f"prototypes: decoupled\ngmm: {gmm}\n")
+    return run
+
+
 def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
     tmp_path: Path,
 ) -> None:
     reusable_run = benchmarks_common().reusable_run
-
-    run = tmp_path / "decoupled-seed0"
-    run.mkdir()
-    (run / "metrics.csv").write_text("step\n0\n")
-    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm: null\n")
     # Recorded as the mixture resolved it: a run from when re-seeding was off by default.
     old_default = OnlineGMM(4, 3, reseed_after=None, anneal_steps=155).settings()
     summary = {"epochs": 5, "prototypes": "decoupled", "gmm": old_default}
-    (run / "summary.json").write_text(json.dumps(summary))
+    run = decoupled_run(tmp_path, summary, gmm="null")
     data: dict[str, object] = {}
 
     # hparams.yaml alone cannot tell (gmm: null either way); the recorded settings can.
@@ -129,14 +134,10 @@ def test_reusable_run_reads_a_legacy_decoupled_run_under_the_old_defaults(
 ) -> None:
     # Runs from before summary.json recorded the mixture: re-seeding was off by default then.
     reusable_run = benchmarks_common().reusable_run
-    run = tmp_path / "decoupled-seed0"
-    run.mkdir()
-    (run / "metrics.csv").write_text("step\n0\n")
-    (run / "summary.json").write_text(json.dumps({"epochs": 16, "prototypes": "decoupled"}))
+    run = decoupled_run(tmp_path, {"epochs": 16, "prototypes": "decoupled"}, gmm="null")
     default = {"prototypes": "decoupled"}
     plain = {"prototypes": "decoupled", "gmm": {"reseed_after": None}}
 
-    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm: null\n")
     assert reusable_run(run, epochs=16, model=default, data={}) is None  # was plain EM
     # (hparams.yaml records what was passed: the explicit None of a 'no re-seeding' run)
     (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  reseed_after: null\n")
