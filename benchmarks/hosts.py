@@ -33,6 +33,7 @@ from _common import (  # noqa: E402
     machine_line,
     mean_std,
     replace_section,
+    reusable_run,
     train_run,
 )
 
@@ -71,19 +72,20 @@ def patch_unique_pct(run_dir: Path, steps: int) -> dict[str, float] | None:
     mixture's means for decoupled; None when the run has no separate patch set.
 
     Raises:
-        SystemExit: if ``last.ckpt`` is not from the run's last step (``steps``).
+        SystemExit: if the run has a patch set but ``last.ckpt`` is not from the run's last
+            step (``steps``), e.g. a run from before ``last.ckpt`` was the last step's.
     """
     checkpoint = torch.load(
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
-    if checkpoint["global_step"] != steps:
-        raise SystemExit(
-            f"{run_dir}/checkpoints/last.ckpt is from step {checkpoint['global_step']}, "
-            f"not the run's last step {steps}"
-        )
     state = checkpoint["state_dict"]
     for key in ("teacher.patch.prototypes.weight", "patch.gmm.mean"):
         if key in state:
+            if checkpoint["global_step"] != steps:
+                raise SystemExit(
+                    f"{run_dir}/checkpoints/last.ckpt is from step "
+                    f"{checkpoint['global_step']}, not the run's last step {steps}"
+                )
             prototypes = F.normalize(state[key].double(), dim=1)
             counts = unique_prototype_curve(prototypes, EPS)
             return {f"{e:g}": 100.0 * counts[e] / len(prototypes) for e in EPS}
@@ -147,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/hosts"))
     parser.add_argument("--quick", action="store_true", help="1 epoch on 256 images, 1 seed")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep finished runs in --out made with the same budget and settings (so several "
+        "invocations with disjoint --hosts/--seeds can share the work, and a last one writes "
+        "the section)",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
     )
     args = parser.parse_args(argv)
@@ -163,10 +172,17 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for seed in args.seeds:
                 run_dir = args.out / f"{host}-{slug(label)}-seed{seed}"
-                print(f"=== {host}, {label}, seed {seed} -> {run_dir}", flush=True)
-                run = train_run(
-                    run_dir, epochs=args.epochs, seed=seed, model=base | overrides, data=data
+                model = base | overrides
+                run = (
+                    reusable_run(run_dir, epochs=args.epochs, model=model, data=data)
+                    if args.reuse
+                    else None
                 )
+                if run is not None:
+                    print(f"=== {host}, {label}, seed {seed}: reusing {run_dir}", flush=True)
+                else:
+                    print(f"=== {host}, {label}, seed {seed} -> {run_dir}", flush=True)
+                    run = train_run(run_dir, epochs=args.epochs, seed=seed, model=model, data=data)
                 run["train_images"] = data["batch_size"] * run["steps"] / max(1, run["epochs"])
                 run["patch_unique_pct"] = patch_unique_pct(run_dir, run["steps"])
                 runs.append(run)
