@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse",
         action="store_true",
-        help="keep finished runs in --out with the same epochs (the model overrides are not "
-        "compared: use another --out for other overrides)",
+        help="keep finished runs in --out made with the same epochs, data and --model "
+        "overrides (and, decoupled, the mixture settings OnlineGMM resolves today)",
     )
     parser.add_argument(
         "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
