@@ -129,6 +129,39 @@ def train_run(
     return summary
 
 
+def reuse_or_train(
+    run_dir: Path,
+    *,
+    name: str,
+    reuse: bool,
+    epochs: int,
+    seed: int,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    dense_every_n_steps: int = 5,
+    required_key: str | None = None,
+) -> dict[str, Any]:
+    """The finished run in ``run_dir`` when ``reuse`` and :func:`reusable_run` accepts it, else
+    a fresh :func:`train_run`; prints which, under ``name``.
+
+    ``required_key``: a ``summary.json`` key the caller reads (e.g. ``"longtail"``); a
+    finished run without it is retrained too.
+    """
+    previous = reusable_run(run_dir, epochs=epochs, model=model, data=data) if reuse else None
+    if previous is not None and (required_key is None or required_key in previous):
+        print(f"=== {name}: reusing {run_dir}", flush=True)
+        return previous
+    print(f"=== {name} -> {run_dir}", flush=True)
+    return train_run(
+        run_dir,
+        epochs=epochs,
+        seed=seed,
+        model=model,
+        data=data,
+        dense_every_n_steps=dense_every_n_steps,
+    )
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     """A finished run's ``summary.json`` plus the rows of its ``metrics.csv`` (``rows``)."""
     summary = json.loads((Path(run_dir) / "summary.json").read_text())

@@ -30,8 +30,7 @@ from _common import (  # noqa: E402
     machine_line,
     mean_std,
     replace_section,
-    reusable_run,
-    train_run,
+    reuse_or_train,
 )
 
 from protogmm.diagnostics.plots import plot_collapse_over_training  # noqa: E402
@@ -167,22 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     def run_one(label: str, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
         if (label, seed) in results:
             return results[(label, seed)]
-        run_dir = args.out / f"{label.replace(' ', '_')}-seed{seed}"
-        model = {"num_prototypes": args.num_prototypes, **overrides}
-        previous = (
-            reusable_run(run_dir, epochs=args.epochs, model=model, data=data)
-            if args.reuse
-            else None
-        )
-        if previous is not None:
-            print(f"=== {label}, seed {seed}: reusing {run_dir}", flush=True)
-            return previous
-        print(f"=== {label}, seed {seed} -> {run_dir}", flush=True)
-        return train_run(
-            run_dir,
+        return reuse_or_train(
+            args.out / f"{label.replace(' ', '_')}-seed{seed}",
+            name=f"{label}, seed {seed}",
+            reuse=args.reuse,
             epochs=args.epochs,
             seed=seed,
-            model=model,
+            model={"num_prototypes": args.num_prototypes, **overrides},
             data=data,
             dense_every_n_steps=args.dense_every,
         )

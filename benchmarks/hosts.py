@@ -33,8 +33,7 @@ from _common import (  # noqa: E402
     machine_line,
     mean_std,
     replace_section,
-    reusable_run,
-    train_run,
+    reuse_or_train,
 )
 
 from protogmm.cli import HOST_PRESETS  # noqa: E402
@@ -172,17 +171,15 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for seed in args.seeds:
                 run_dir = args.out / f"{host}-{slug(label)}-seed{seed}"
-                model = base | overrides
-                run = (
-                    reusable_run(run_dir, epochs=args.epochs, model=model, data=data)
-                    if args.reuse
-                    else None
+                run = reuse_or_train(
+                    run_dir,
+                    name=f"{host}, {label}, seed {seed}",
+                    reuse=args.reuse,
+                    epochs=args.epochs,
+                    seed=seed,
+                    model=base | overrides,
+                    data=data,
                 )
-                if run is not None:
-                    print(f"=== {host}, {label}, seed {seed}: reusing {run_dir}", flush=True)
-                else:
-                    print(f"=== {host}, {label}, seed {seed} -> {run_dir}", flush=True)
-                    run = train_run(run_dir, epochs=args.epochs, seed=seed, model=model, data=data)
                 run["train_images"] = data["batch_size"] * run["steps"] / max(1, run["epochs"])
                 run["patch_unique_pct"] = patch_unique_pct(run_dir, run["steps"])
                 runs.append(run)

@@ -37,8 +37,7 @@ from _common import (  # noqa: E402
     machine_line,
     mean_std,
     replace_section,
-    reusable_run,
-    train_run,
+    reuse_or_train,
 )
 
 from protogmm.evaluation import GROUPS  # noqa: E402
@@ -158,18 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for kind in KINDS:
             run_dir = args.out / f"{kind}-rho{args.rho:g}-seed{seed}"
-            model = {"prototypes": kind, **args.model}
-            previous = (
-                reusable_run(run_dir, epochs=args.epochs, model=model, data=data)
-                if args.reuse
-                else None
+            summary = reuse_or_train(
+                run_dir,
+                name=f"{kind}, rho {args.rho:g}, seed {seed}",
+                reuse=args.reuse,
+                epochs=args.epochs,
+                seed=seed,
+                model={"prototypes": kind, **args.model},
+                data=data,
+                required_key="longtail",
             )
-            if previous is not None and "longtail" in previous:
-                print(f"=== {kind}, rho {args.rho:g}, seed {seed}: reusing {run_dir}", flush=True)
-                summary = previous
-            else:
-                print(f"=== {kind}, rho {args.rho:g}, seed {seed} -> {run_dir}", flush=True)
-                summary = train_run(run_dir, epochs=args.epochs, seed=seed, model=model, data=data)
             if "longtail" not in summary:
                 raise SystemExit(f"{run_dir}: no long-tail analysis in summary.json")
             summary["class_counts"] = json.loads((run_dir / "class_counts.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -13,16 +14,6 @@ import pytest
 from protogmm.prototypes import OnlineGMM
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def benchmarks_common() -> ModuleType:
-    """``benchmarks/_common.py`` (a script folder, not a package)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import _common
-    finally:
-        sys.path.pop(0)
-    return _common
 
 
 @pytest.mark.slow
@@ -57,8 +48,10 @@ def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Pa
     assert (ROOT / "BENCHMARKS.md").read_text() == before
 
 
-def test_replace_section_replaces_only_its_own_block(tmp_path: Path) -> None:
-    replace_section = benchmarks_common().replace_section
+def test_replace_section_replaces_only_its_own_block(
+    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
+) -> None:
+    replace_section = benchmark_script("_common").replace_section
     path = tmp_path / "B.md"
     path.write_text("# Benchmarks\n\nintro\n")
     replace_section("a", "first A", path)
@@ -71,8 +64,10 @@ def test_replace_section_replaces_only_its_own_block(tmp_path: Path) -> None:
     )
 
 
-def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(tmp_path: Path) -> None:
-    reusable_run = benchmarks_common().reusable_run
+def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(
+    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
+) -> None:
+    reusable_run = benchmark_script("_common").reusable_run
     run = tmp_path / "decoupled-seed0"
     run.mkdir()
     (run / "summary.json").write_text('{"epochs": 16, "knn/top1": 0.9}')
@@ -109,9 +104,9 @@ def decoupled_run(tmp_path: Path, summary: dict[str, object], gmm: str) -> Path:
 
 
 def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
-    tmp_path: Path,
+    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
 ) -> None:
-    reusable_run = benchmarks_common().reusable_run
+    reusable_run = benchmark_script("_common").reusable_run
     # Recorded as the mixture resolved it: a run from when re-seeding was off by default.
     old_default = OnlineGMM(4, 3, reseed_after=None, anneal_steps=155).settings()
     summary = {"epochs": 5, "prototypes": "decoupled", "gmm": old_default}
@@ -130,10 +125,10 @@ def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
 
 
 def test_reusable_run_reads_a_legacy_decoupled_run_under_the_old_defaults(
-    tmp_path: Path,
+    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
 ) -> None:
     # Runs from before summary.json recorded the mixture: re-seeding was off by default then.
-    reusable_run = benchmarks_common().reusable_run
+    reusable_run = benchmark_script("_common").reusable_run
     run = decoupled_run(tmp_path, {"epochs": 16, "prototypes": "decoupled"}, gmm="null")
     default = {"prototypes": "decoupled"}
     plain = {"prototypes": "decoupled", "gmm": {"reseed_after": None}}
@@ -145,3 +140,38 @@ def test_reusable_run_reads_a_legacy_decoupled_run_under_the_old_defaults(
     # A legacy run that asked for re-seeding explicitly is today's default.
     (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  reseed_after: 100\n")
     assert reusable_run(run, epochs=16, model=default, data={}) is not None
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reuse_or_train_trains_unless_reuse_finds_a_run_with_the_required_key(
+    tmp_path: Path,
+    benchmark_script: Callable[[str], ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    reuse: bool,
+) -> None:
+    common = benchmark_script("_common")
+    trained: list[str] = []
+    finished = {"with-key": {"epochs": 5, "longtail": {}}, "without-key": {"epochs": 5}}
+    monkeypatch.setattr(common, "reusable_run", lambda run_dir, **_: finished.get(run_dir.name))
+
+    def train_run(run_dir: Path, **settings: object) -> dict[str, object]:
+        assert settings["dense_every_n_steps"] == 50 and settings["seed"] == 3
+        trained.append(run_dir.name)
+        return {"trained": True}
+
+    monkeypatch.setattr(common, "train_run", train_run)
+    for name in ("with-key", "without-key", "missing"):
+        common.reuse_or_train(
+            tmp_path / name,
+            name=name,
+            reuse=reuse,
+            epochs=5,
+            seed=3,
+            model={},
+            data={},
+            dense_every_n_steps=50,
+            required_key="longtail",
+        )
+    assert trained == (
+        ["without-key", "missing"] if reuse else ["with-key", "without-key", "missing"]
+    )

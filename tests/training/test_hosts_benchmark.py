@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,16 +38,6 @@ def test_quick_mode_trains_every_host_and_kind_and_prints_the_section(tmp_path: 
     assert (ROOT / "BENCHMARKS.md").read_text() == before
 
 
-def hosts_script() -> ModuleType:
-    """``benchmarks/hosts.py`` (a script folder, not a package)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import hosts
-    finally:
-        sys.path.pop(0)
-    return hosts
-
-
 def fake_summary() -> dict[str, Any]:
     """What ``train_run`` returns, with every key the hosts table reads."""
     unique = {"0.025": 100.0, "0.1": 100.0, "0.25": 90.0, "0.5": 10.0}
@@ -63,9 +54,12 @@ def fake_summary() -> dict[str, Any]:
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_reuse_trains_only_the_runs_without_a_matching_finished_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reuse: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    benchmark_script: Callable[[str], ModuleType],
+    reuse: bool,
 ) -> None:
-    hosts = hosts_script()
+    hosts, common = benchmark_script("hosts"), benchmark_script("_common")
     trained: list[str] = []
     finished = {"dino-joint-seed0", "dino-joint-koleo-seed1"}
 
@@ -77,8 +71,8 @@ def test_reuse_trains_only_the_runs_without_a_matching_finished_run(
         trained.append(run_dir.name)
         return fake_summary()
 
-    monkeypatch.setattr(hosts, "reusable_run", reusable_run)
-    monkeypatch.setattr(hosts, "train_run", train_run)
+    monkeypatch.setattr(common, "reusable_run", reusable_run)
+    monkeypatch.setattr(common, "train_run", train_run)
     monkeypatch.setattr(hosts, "patch_unique_pct", lambda run_dir, steps: None)
     argv = ["--hosts", "dino", "--seeds", "0", "1", "--out", str(tmp_path), "--no-write"]
     assert hosts.main(argv + (["--reuse"] if reuse else [])) == 0
@@ -87,8 +81,10 @@ def test_reuse_trains_only_the_runs_without_a_matching_finished_run(
     assert sorted(trained) == sorted(every_run - finished if reuse else every_run)
 
 
-def test_patch_prototypes_are_read_only_from_the_last_step(tmp_path: Path) -> None:
-    hosts = hosts_script()
+def test_patch_prototypes_are_read_only_from_the_last_step(
+    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
+) -> None:
+    hosts = benchmark_script("hosts")
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"
     # A run without a patch set (DINO, CARP) does not need last.ckpt to be the last step's:
