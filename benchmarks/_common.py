@@ -183,11 +183,6 @@ _HparamsLoader.add_constructor(
 )
 
 
-#: ``OnlineGMM`` defaults of the runs made before ``summary.json`` recorded the mixture's
-#: resolved settings (re-seeding became the default in the same change).
-LEGACY_GMM_DEFAULTS: dict[str, Any] = {"reseed_after": None}
-
-
 def reusable_run(
     run_dir: Path, *, epochs: int, model: dict[str, Any], data: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -198,10 +193,10 @@ def reusable_run(
     lists), so a run folder left by another configuration under the same name is retrained
     rather than silently reported. A decoupled run must also have been fitted with the
     mixture settings that :class:`~protogmm.prototypes.OnlineGMM` resolves today for
-    ``model["gmm"]``, defaults included, so a run made before a default changed is retrained
-    too: the run's own record (``summary["gmm"]``), or, for a run from before that record
-    existed, its ``hparams.yaml`` overrides on :data:`LEGACY_GMM_DEFAULTS`. ``anneal_steps``
-    (derived from the budget) is not compared.
+    ``model["gmm"]``, defaults included (the run's own record, ``summary["gmm"]``), so a
+    run made before a default changed is retrained too; so is a decoupled run from before
+    that record existed (its mixture predates today's defaults). ``anneal_steps`` (derived
+    from the budget) is not compared.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists() or not (run_dir / "hparams.yaml").exists():
@@ -216,10 +211,8 @@ def reusable_run(
         if hparams.get(key) != wanted:
             return None
     if summary.get("prototypes") == "decoupled":
-        made_with = summary.get("gmm") or gmm_settings(
-            {**LEGACY_GMM_DEFAULTS, **(hparams.get("gmm") or {})}
-        )
-        if _without_anneal_steps(made_with) != _without_anneal_steps(
+        made_with = summary.get("gmm")
+        if made_with is None or _without_anneal_steps(made_with) != _without_anneal_steps(
             gmm_settings(model.get("gmm"))
         ):
             return None

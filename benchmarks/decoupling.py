@@ -64,8 +64,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # CAPI-style partial decoupling (Darcet et al. 2025): the teacher's prototypes are trained
     # by their own clustering loss, the student's jointly; between joint and decoupled.
     "partial (CAPI-style)": {"prototypes": "partial"},
-    # Re-seeding is the default (OnlineGMM.reseed_after = 100): this row turns it off.
-    "no re-seeding (plain online EM)": {"prototypes": "decoupled", "gmm": {"reseed_after": None}},
+    # Split and merge is the default (OnlineGMM.merge_overlap, reseed_min_share): this row
+    # turns it off.
+    "no split and merge (plain online EM)": {
+        "prototypes": "decoupled",
+        "gmm": {"merge_overlap": None, "reseed_min_share": None},
+    },
 }
 
 

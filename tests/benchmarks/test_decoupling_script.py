@@ -74,10 +74,10 @@ def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(
     (run / "metrics.csv").write_text("step,loss\n0,6.5\n")
     # As Lightning writes it: tuples carry a Python tag that yaml.safe_load refuses.
     (run / "hparams.yaml").write_text(
-        "prototypes: decoupled\nnum_prototypes: 4096\ngmm:\n  reseed_after: 100\n"
+        "prototypes: decoupled\nnum_prototypes: 4096\ngmm:\n  merge_overlap: 0.5\n"
         "batch_size: 32\nglobal_scale: !!python/tuple\n- 0.4\n- 1.0\n"
     )
-    model = {"prototypes": "decoupled", "num_prototypes": 4096, "gmm": {"reseed_after": 100}}
+    model = {"prototypes": "decoupled", "num_prototypes": 4096, "gmm": {"merge_overlap": 0.5}}
     data = {"batch_size": 32, "global_scale": (0.4, 1.0)}
 
     found = reusable_run(run, epochs=16, model=model, data=data)
@@ -107,16 +107,20 @@ def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
     tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
 ) -> None:
     reusable_run = benchmark_script("_common").reusable_run
-    # Recorded as the mixture resolved it: a run from when re-seeding was off by default.
-    old_default = OnlineGMM(4, 3, reseed_after=None, anneal_steps=155).settings()
+    # Recorded as the mixture resolved it: a run from before split and merge were the default.
+    old_default = OnlineGMM(
+        4, 3, merge_overlap=None, reseed_min_share=None, anneal_steps=155
+    ).settings()
     summary = {"epochs": 5, "prototypes": "decoupled", "gmm": old_default}
     run = decoupled_run(tmp_path, summary, gmm="null")
     data: dict[str, object] = {}
 
     # hparams.yaml alone cannot tell (gmm: null either way); the recorded settings can.
     assert reusable_run(run, epochs=5, model={"prototypes": "decoupled"}, data=data) is None
-    plain = {"prototypes": "decoupled", "gmm": {"reseed_after": None}}
-    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  reseed_after: null\n")
+    plain = {"prototypes": "decoupled", "gmm": {"merge_overlap": None, "reseed_min_share": None}}
+    (run / "hparams.yaml").write_text(
+        "prototypes: decoupled\ngmm:\n  merge_overlap: null\n  reseed_min_share: null\n"
+    )
     assert reusable_run(run, epochs=5, model=plain, data=data) is not None
     # The budget-derived anneal_steps is not a setting to match.
     summary["gmm"]["anneal_steps"] = 2000
@@ -124,22 +128,13 @@ def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
     assert reusable_run(run, epochs=5, model=plain, data=data) is not None
 
 
-def test_reusable_run_reads_a_legacy_decoupled_run_under_the_old_defaults(
+def test_reusable_run_retrains_a_decoupled_run_without_a_recorded_mixture(
     tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
 ) -> None:
-    # Runs from before summary.json recorded the mixture: re-seeding was off by default then.
+    # Runs from before summary.json recorded the mixture predate today's defaults.
     reusable_run = benchmark_script("_common").reusable_run
     run = decoupled_run(tmp_path, {"epochs": 16, "prototypes": "decoupled"}, gmm="null")
-    default = {"prototypes": "decoupled"}
-    plain = {"prototypes": "decoupled", "gmm": {"reseed_after": None}}
-
-    assert reusable_run(run, epochs=16, model=default, data={}) is None  # was plain EM
-    # (hparams.yaml records what was passed: the explicit None of a 'no re-seeding' run)
-    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  reseed_after: null\n")
-    assert reusable_run(run, epochs=16, model=plain, data={}) is not None
-    # A legacy run that asked for re-seeding explicitly is today's default.
-    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  reseed_after: 100\n")
-    assert reusable_run(run, epochs=16, model=default, data={}) is not None
+    assert reusable_run(run, epochs=16, model={"prototypes": "decoupled"}, data={}) is None
 
 
 @pytest.mark.parametrize("reuse", [True, False])

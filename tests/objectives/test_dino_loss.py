@@ -294,3 +294,17 @@ def test_center_update_is_all_reduced(tmp_path) -> None:
             pytest.fail("2-rank gloo workers did not finish within 60 s")
     # Global mean over both ranks is 1.5; center = 0.5 * 0 + 0.5 * 1.5.
     torch.testing.assert_close(torch.load(out), torch.full((1, 4), 0.75))
+
+
+def test_reset_center_sets_moved_prototypes_to_the_mean_of_the_others() -> None:
+    loss = DINOLoss(num_prototypes=5)
+    loss.center.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]]))
+    moved = torch.tensor([False, True, False, False, True])
+    loss.reset_center(moved)
+    expected = torch.tensor([[0.1, (0.1 + 0.3 + 0.4) / 3, 0.3, 0.4, (0.1 + 0.3 + 0.4) / 3]])
+    torch.testing.assert_close(loss.center, expected)
+    # nothing moved, or everything moved (no reference left): unchanged
+    before = loss.center.clone()
+    loss.reset_center(torch.zeros(5, dtype=torch.bool))
+    loss.reset_center(torch.ones(5, dtype=torch.bool))
+    torch.testing.assert_close(loss.center, before)

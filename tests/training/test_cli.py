@@ -91,8 +91,9 @@ def test_fit_writes_a_run_directory_with_the_resolved_config(tmp_path: Path) -> 
     assert "num_prototypes: 32" in (run_dir / "config.yaml").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_prototypes"] == 32 and summary["prototypes"] == "decoupled"
-    # The mixture's settings as resolved, defaults included (re-seeding on by default).
-    assert summary["gmm"]["reseed_after"] == 100 and summary["gmm"]["covariance"] == "diagonal"
+    # The mixture's settings as resolved, defaults included (split and merge on by default).
+    assert summary["gmm"]["merge_overlap"] == 0.5 and summary["gmm"]["reseed_min_share"] == 0.05
+    assert summary["gmm"]["covariance"] == "diagonal" and summary["gmm"]["init_samples"] is None
     assert summary["gmm"]["anneal_steps"] == round(0.1 * summary["steps"])
 
 

@@ -135,12 +135,13 @@ def test_the_long_horizon_configs_match_the_benchmark_that_measured_them(kind: s
     assert config["model"]["num_prototypes"] == 4096
     assert config["model"]["prototypes"] == kind
     if kind == "decoupled":
-        # Measured as the section's "decoupled" row, i.e. with re-seeding on (the default),
-        # which the "no re-seeding" row turns off.
-        assert ABLATIONS["no re-seeding (plain online EM)"]["gmm"] == {"reseed_after": None}
-        assert config["model"]["gmm"].get("reseed_after", 100) == 100
+        # Measured as the section's "decoupled" row, i.e. with split and merge on (the
+        # default), which the "no split and merge" row turns off.
+        plain = ABLATIONS["no split and merge (plain online EM)"]["gmm"]
+        assert plain == {"merge_overlap": None, "reseed_min_share": None}
+        assert not set(plain) & set(config["model"]["gmm"])
     merged = model_section("default.yaml") | config["model"]
     model = PrototypicalSSL(**merged, in_channels=1, image_size=28)
     assert (model.gmm is None) == (kind == "joint")
     if kind == "decoupled":
-        assert model.gmm.reseed_after == 100 and model.gmm.num_prototypes == 4096
+        assert model.gmm.merge_overlap == 0.5 and model.gmm.num_prototypes == 4096

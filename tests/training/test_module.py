@@ -135,7 +135,8 @@ def optimised_parameters(model: PrototypicalSSL) -> set[int]:
 
 def test_decoupled_gmm_changes_gets_no_gradient_and_is_not_optimised() -> None:
     L.seed_everything(0, verbose=False)
-    model = tiny_model("decoupled")
+    # init_samples=0: initialised on the first batch (by default it waits for K rows).
+    model = tiny_model("decoupled", gmm={"init_samples": 0})
     before = {k: v.clone() for k, v in model.gmm.state_dict().items()}
     one_step_outside_a_trainer(model)
     assert not torch.equal(model.gmm.mean, before["mean"])

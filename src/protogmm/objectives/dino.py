@@ -119,6 +119,22 @@ class DINOLoss(nn.Module):
         rows = teacher_scores.reshape(-1, self.num_prototypes)
         update_center_(self.center, rows, self.center_momentum)
 
+    @torch.no_grad()
+    def reset_center(self, prototypes: Tensor) -> None:
+        """Forget the centre of prototypes that just moved (decoupled split and merge).
+
+        A moved prototype's running mean score is that of where it was; until the EMA
+        catches up (about ``1 / (1 - m)`` steps) its targets would be centred by a stale
+        value. Its entry is set to the mean centre of the prototypes that did not move, the
+        same on every rank since the centre is.
+
+        Args:
+            prototypes: ``[K]`` bool mask of the moved prototypes.
+        """
+        if not bool(prototypes.any()) or bool(prototypes.all()):
+            return
+        self.center[:, prototypes] = self.center[:, ~prototypes].mean()
+
     def forward(
         self,
         student_scores: Tensor,

@@ -14,13 +14,27 @@ Per step ``t``, with ``h`` the ``[N, d]`` teacher embeddings projected onto the 
        log rho_ik = log pi_k - 1/2 sum_j [(h_ij - mu_kj)^2 / var_kj + log var_kj]
        gamma_ik   = softmax_k(beta_t * log rho_ik),   beta_t: beta0 -> 1 (cosine)
 
-2. batch statistics ``n_k = sum_i gamma_ik``, ``s_k = sum_i gamma_ik h_i``,
-   ``q_k = sum_i gamma_ik h_i^2`` (all-reduced over ranks under ``torch.distributed``);
+   With ``anneal="means"`` (default) the tempered ``gamma`` estimates the means and weights
+   only; the variances come from the untempered posterior ``softmax_k(log rho_ik)``. Under
+   plain annealing (``anneal="joint"``) soft responsibilities inflate the variances, which
+   soften the next E-step further, until every mean sits at the data mean (measured: 1
+   unique prototype of 32 at step 100 at d = 16, with the former initial variance, that of
+   all embeddings); with the variances kept at the components' own
+   spread, ``beta`` softens the assignments between neighbours without merging them.
+2. batch statistics ``n_k = sum_i gamma_ik``, ``s_k = sum_i gamma_ik h_i``; for the
+   variances ``n'_k, s'_k, q_k = sum_i gamma'_ik (1, h_i, h_i^2)`` (all-reduced over ranks);
 3. forgetting (Celaya & Agostini, 2015, responsibility-based) ``lambda_k = eta ** n_k``,
-   ``N_k <- lambda_k N_k + n_k`` and likewise for ``S_k``, ``Q_k``; mixing weights on separate
-   counts with one global discount, ``m_k <- eta_pi m_k + n_k``;
+   ``N_k <- lambda_k N_k + n_k`` and likewise for ``S_k`` (and ``N'_k, S'_k, Q_k`` with
+   ``lambda'_k = eta ** n'_k``); mixing counts ``m_k <- r m_k + n_k`` with one discount ``r``
+   per step, set so that they remember ``mixing_memory`` expected hits of a component;
 4. M-step ``pi = m / sum(m)``, ``mu_k = S_k / N_k``,
-   ``var_k = max(Q_k / N_k - mu_k^2, var_floor)``, prototypes ``c_k = mu_k / ||mu_k||``.
+   ``var_k = max(Q_k / N'_k - (S'_k / N'_k)^2, var_floor)``, prototypes ``c_k = mu_k / ||mu_k||``;
+5. split and merge (Ueda et al., 2000, online): two components whose densities overlap
+   (Bhattacharyya coefficient above ``merge_overlap``) are merged into one, and a component
+   whose mixing weight fell below ``reseed_min_share / K`` is stranded; each component so
+   freed takes half of the mass of the component that best explains one of the batch's
+   worst-explained embeddings, with its mean on that embedding (one split per component
+   and step, so two views of one image never seed two means).
 """
 
 from __future__ import annotations
@@ -35,14 +49,18 @@ from torch import Tensor
 
 from protogmm._checks import check_choice, check_in_range, check_matrix, check_positive_int
 from protogmm.prototypes.base import PrototypeSet
+from protogmm.prototypes.kmeans import kmeans
 from protogmm.schedules import cosine_ramp
 
 Covariance = Literal["diagonal", "isotropic"]
 Forgetting = Literal["responsibility", "time", "none"]
 Mixing = Literal["counts", "uniform"]
+Anneal = Literal["means", "joint"]
 
 # Counts below this are treated as empty when dividing sufficient statistics.
 _TINY_COUNT = 1e-12
+# Statistics that a merge adds up and a split halves (all per component, first dim K).
+_MASS_BUFFERS = ("stat_count", "stat_sum", "var_count", "var_sum", "stat_sq", "mix_count")
 
 
 def project_to_sphere(x: Tensor) -> Tensor:
@@ -61,6 +79,26 @@ def _distributed_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def bhattacharyya_coefficient(
+    mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor
+) -> Tensor:
+    """Overlap ``exp(-D_B)`` in ``(0, 1]`` of pairs of diagonal (or isotropic) Gaussians.
+
+    ``D_B = 1/8 sum_j (mu_aj - mu_bj)^2 / v_j + 1/2 sum_j ln(v_j / sqrt(v_aj v_bj))`` with
+    ``v = (v_a + v_b) / 2`` (Bhattacharyya, 1943). Rows are pairs: means ``[P, d]``,
+    variances ``[P, d]`` or ``[P]`` (isotropic, one variance for all ``d`` dimensions).
+    """
+    dim = mean_a.shape[1]
+    var = 0.5 * (var_a + var_b)
+    sq = (mean_a - mean_b) ** 2
+    log_ratio = torch.log(var) - 0.5 * (torch.log(var_a) + torch.log(var_b))
+    if var.ndim == 1:
+        distance = 0.125 * sq.sum(dim=1) / var + 0.5 * dim * log_ratio
+    else:
+        distance = 0.125 * (sq / var).sum(dim=1) + 0.5 * log_ratio.sum(dim=1)
+    return torch.exp(-distance)
 
 
 class OnlineGMM(PrototypeSet):
@@ -84,40 +122,57 @@ class OnlineGMM(PrototypeSet):
             for every component each step, Sato & Ishii 2000) or ``"none"`` (``lambda = 1``).
         eta: retention in (0, 1]; per unit of responsibility for ``"responsibility"`` (memory
             about ``-1 / ln(eta)`` samples per component), per step for ``"time"``.
-        mixing: ``"counts"`` (``pi`` from counts with one global discount ``mixing_eta``) or
-            ``"uniform"`` (``pi = 1/K``, an equipartition prior as Sinkhorn-Knopp imposes).
-        mixing_eta: per-step discount of the mixing counts; defaults to ``eta`` (1 when
-            ``forgetting="none"``).
+        mixing: ``"counts"`` (``pi`` from discounted counts) or ``"uniform"`` (``pi = 1/K``,
+            an equipartition prior as Sinkhorn-Knopp imposes; the counts are still kept to
+            find stranded components).
+        mixing_memory: how many expected hits of a component (``N / K`` per step for a
+            global batch of ``N`` rows) the mixing counts remember: the per-step discount is
+            ``exp(-(N / K) / mixing_memory)``. A per-step discount independent of ``N / K``
+            (the former default ``mixing_eta = eta``) remembers less than one hit per
+            component at large K, so ``pi`` is noise and a few components take all the
+            weight (measured: 40 of 4,096 held 99.999 %).
+        mixing_eta: a fixed per-step discount of the mixing counts instead (None: from
+            ``mixing_memory``; 1 when ``forgetting="none"``).
+        anneal: ``"means"`` (the tempered posterior estimates the means and weights, the
+            untempered one the variances) or ``"joint"`` (the tempered posterior estimates
+            everything: classic deterministic annealing, which merges the means while beta
+            is small).
         beta0: the annealing inverse temperature at step 0, in (0, 1].
         anneal_steps: steps of the cosine ramp of beta from ``beta0`` to 1 (0: no annealing).
-        var_floor: the variance floor ``sigma^2_min`` of the M-step.
+        var_floor: the variance floor ``sigma^2_min`` of the M-step; None: ``1e-2 / d``, one
+            hundredth of the per-dimension variance of embeddings spread over the sphere (a
+            fixed ``1e-4`` is below that by ``d / 100``, so at ``d = 128`` a component at the
+            floor gains ``d/2 ln 78 = 279`` nats of log-determinant over a broad one).
         n_init: pseudo-count given to each component at initialisation.
-        init_samples: embeddings collected before initialising (k-means++ seeding plus Lloyd
-            iterations); 0 means "the first batch, whatever its size". While collecting,
-            :meth:`update` returns uniform responsibilities.
+        init_samples: embeddings collected before initialising (k-means); None: K, at least
+            one per component (from fewer rows, the extra means are jittered copies of rows,
+            near-duplicates by construction); 0: the first batch, whatever its size. While
+            collecting, :meth:`update` returns uniform responsibilities.
         kmeans_iters: Lloyd iterations after the k-means++ seeding.
+        init_restarts: k-means runs at initialisation; the lowest inertia is kept.
+        init_variance: the initial variance of every component: ``"pooled"`` within the
+            k-means clusters, or ``"global"``, the variance of all the embeddings (the former
+            default: it includes the spread between clusters, so the first E-steps assign
+            every embedding to every component).
         kmeanspp_max_seeds: above this K the sequential k-means++ seeding is replaced by a
             random choice of distinct embeddings (k-means++ costs K sequential passes).
-        reseed_after: re-seed a component after this many consecutive steps with batch
-            responsibility below ``reseed_min_mass`` (None: never, the paper's plain online
-            EM). Stranded components are moved onto the worst-explained embeddings of the
-            current batch, one component per embedding (longest idle first; the rest wait
-            for later batches). On by default because, measured (BENCHMARKS.md, "Decoupling
-            at small scale", 16 epochs at batch 32, K = 4096), a mixture that sees few
-            embeddings per component strands most of them: their means freeze where
-            initialisation put them while the encoder moves, and the decoupled encoder ends
-            below the untrained one; re-seeding keeps the means on the current embeddings.
-        reseed_min_mass: the responsibility mass under which a step counts as idle.
+        merge_overlap: merge two components when the Bhattacharyya coefficient of their
+            densities exceeds this (two components sharing one cluster: about 0.7; two
+            clusters a few standard deviations apart: below 0.1). Candidate pairs are each
+            batch row's two most likely components, so the cost stays linear in K. None:
+            never merge.
+        reseed_min_share: a component whose mixing weight fell below this fraction of its
+            expected share ``1/K`` is stranded and re-seeded (None: never). With the
+            default ``mixing_memory`` a healthy component falls that low with probability
+            about ``exp(-19)``; a component that gets nothing does after about
+            ``3 mixing_memory K / N`` steps.
         chunk_size: components per chunk of the E-step and statistics products.
         center_momentum: if set, the mixture lives on *centred* embeddings: a running mean
             ``m`` of the (unit) embeddings is kept (EMA with this momentum) and every input,
             in :meth:`update` and in :meth:`forward`, is mapped to ``(h - m) / ||h - m||``.
-            Early in training the teacher's embeddings sit in a small cap of the sphere;
-            means fitted there are near-duplicates, while the centred embeddings spread
-            over the whole sphere (DINO's logit centring is the same subtraction seen from
-            the scores: ``<h, c> - <m, c> = <h - m, c>``). None: no centring.
-        seed: seed of the generator used for initialisation and re-seeding (independent of
-            the global RNG, so fitting the mixture does not perturb training's random stream).
+            None: no centring.
+        seed: seed of the generator used for initialisation (independent of the global RNG,
+            so fitting the mixture does not perturb training's random stream).
     """
 
     decoupled = True
@@ -131,16 +186,20 @@ class OnlineGMM(PrototypeSet):
         forgetting: Forgetting = "responsibility",
         eta: float = 0.98,
         mixing: Mixing = "counts",
+        mixing_memory: float = 20.0,
         mixing_eta: float | None = None,
+        anneal: Anneal = "means",
         beta0: float = 0.1,
         anneal_steps: int = 1000,
-        var_floor: float = 1e-4,
+        var_floor: float | None = None,
         n_init: float = 1.0,
-        init_samples: int = 0,
-        kmeans_iters: int = 5,
+        init_samples: int | None = None,
+        kmeans_iters: int = 10,
+        init_restarts: int = 3,
+        init_variance: Literal["pooled", "global"] = "pooled",
         kmeanspp_max_seeds: int = 4096,
-        reseed_after: int | None = 100,
-        reseed_min_mass: float = 1e-3,
+        merge_overlap: float | None = 0.5,
+        reseed_min_share: float | None = 0.05,
         chunk_size: int = 4096,
         center_momentum: float | None = None,
         seed: int = 0,
@@ -151,21 +210,39 @@ class OnlineGMM(PrototypeSet):
         self.covariance = check_choice("covariance", covariance, ("diagonal", "isotropic"))
         self.forgetting = check_choice("forgetting", forgetting, ("responsibility", "time", "none"))
         self.mixing = check_choice("mixing", mixing, ("counts", "uniform"))
+        self.anneal = check_choice("anneal", anneal, ("means", "joint"))
         self.eta = check_in_range("eta", eta, 0.0, 1.0, low_inclusive=False)
-        if mixing_eta is None:
-            mixing_eta = 1.0 if forgetting == "none" else eta
-        self.mixing_eta = check_in_range("mixing_eta", mixing_eta, 0.0, 1.0, low_inclusive=False)
+        self.mixing_memory = check_in_range(
+            "mixing_memory", mixing_memory, 0.0, math.inf, low_inclusive=False
+        )
+        if mixing_eta is None and forgetting == "none":
+            mixing_eta = 1.0
+        if mixing_eta is not None:
+            check_in_range("mixing_eta", mixing_eta, 0.0, 1.0, low_inclusive=False)
+        self.mixing_eta = mixing_eta
         self.beta0 = check_in_range("beta0", beta0, 0.0, 1.0, low_inclusive=False)
         self.anneal_steps = check_positive_int("anneal_steps", anneal_steps, minimum=0)
-        self.var_floor = check_in_range("var_floor", var_floor, 0.0, math.inf, low_inclusive=False)
+        # None-valued options are reported as None by settings() (they resolve from K or d),
+        # so runs of any K, d share one record of the defaults.
+        if var_floor is not None:
+            check_in_range("var_floor", var_floor, 0.0, math.inf, low_inclusive=False)
+        self.var_floor = var_floor
+        self._var_floor = 1e-2 / dim if var_floor is None else var_floor
         self.n_init = check_in_range("n_init", n_init, 0.0, math.inf, low_inclusive=False)
-        self.init_samples = check_positive_int("init_samples", init_samples, minimum=0)
+        if init_samples is not None:
+            check_positive_int("init_samples", init_samples, minimum=0)
+        self.init_samples = init_samples
+        self._init_rows = num_prototypes if init_samples is None else init_samples
+        self.init_variance = check_choice("init_variance", init_variance, ("pooled", "global"))
         self.kmeans_iters = check_positive_int("kmeans_iters", kmeans_iters, minimum=0)
+        self.init_restarts = check_positive_int("init_restarts", init_restarts)
         self.kmeanspp_max_seeds = check_positive_int("kmeanspp_max_seeds", kmeanspp_max_seeds)
-        if reseed_after is not None:
-            check_positive_int("reseed_after", reseed_after)
-        self.reseed_after = reseed_after
-        self.reseed_min_mass = check_in_range("reseed_min_mass", reseed_min_mass, 0.0, math.inf)
+        if merge_overlap is not None:
+            check_in_range("merge_overlap", merge_overlap, 0.0, 1.0, low_inclusive=False)
+        self.merge_overlap = merge_overlap
+        if reseed_min_share is not None:
+            check_in_range("reseed_min_share", reseed_min_share, 0.0, 1.0, low_inclusive=False)
+        self.reseed_min_share = reseed_min_share
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         if center_momentum is not None:
             check_in_range("center_momentum", center_momentum, 0.0, 1.0, high_inclusive=False)
@@ -180,15 +257,31 @@ class OnlineGMM(PrototypeSet):
         self.register_buffer("var", torch.full(var_shape, 1.0 / d))
         self.register_buffer("stat_count", torch.full((k,), n_init))  # N_k
         self.register_buffer("stat_sum", self.mean * n_init)  # S_k
+        self.register_buffer("var_count", torch.full((k,), n_init))  # N'_k
+        self.register_buffer("var_sum", self.mean * n_init)  # S'_k
         self.register_buffer("stat_sq", (self.var + self._mean_sq(self.mean)) * n_init)  # Q_k
         self.register_buffer("mix_count", torch.full((k,), n_init))  # m_k
-        self.register_buffer("idle_steps", torch.zeros(k, dtype=torch.long))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_reseeded", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_merged", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("init_buffer", torch.zeros(init_samples, d))
+        self.register_buffer("init_buffer", torch.zeros(self._init_rows, d))
         self.register_buffer("init_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("embedding_center", torch.zeros(d))
+        #: Components whose mean was moved by a split or merge in the last update; hosts
+        #: with per-component state (DINO's centre) reset theirs (not saved: per step).
+        self.register_buffer("moved", torch.zeros(k, dtype=torch.bool), persistent=False)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Mixtures saved before the variance statistics were kept apart (and with the
+        # idle-step re-seeding) load with N' = N, S' = S: identical once beta reaches 1.
+        for new, old in (("var_count", "stat_count"), ("var_sum", "stat_sum")):
+            if prefix + new not in state_dict and prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict[prefix + old].clone()
+        if prefix + "num_merged" not in state_dict and prefix + "num_steps" in state_dict:
+            state_dict[prefix + "num_merged"] = torch.zeros((), dtype=torch.long)
+        state_dict.pop(prefix + "idle_steps", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -206,7 +299,21 @@ class OnlineGMM(PrototypeSet):
         """``[K]`` mixing weights ``pi_k``, summing to 1."""
         if self.mixing == "uniform":
             return torch.full_like(self.mix_count, 1.0 / self.num_prototypes)
+        return self.component_shares
+
+    @property
+    def component_shares(self) -> Tensor:
+        """``[K]`` discounted share of the responsibility each component received lately.
+
+        Equal to :attr:`mixing_weights` with ``mixing="counts"``; kept under ``"uniform"``
+        too, where it finds stranded components.
+        """
         return self.mix_count / self.mix_count.sum().clamp_min(_TINY_COUNT)
+
+    @property
+    def variance_floor(self) -> float:
+        """The M-step's variance floor as resolved (``var_floor``, or ``1e-2 / d``)."""
+        return self._var_floor
 
     @property
     def step(self) -> int:
@@ -275,18 +382,26 @@ class OnlineGMM(PrototypeSet):
 
     def _update(self, h: Tensor) -> Tensor:
         h = self._check_embeddings(h, update_center=True)
+        self.moved.zero_()
         if not bool(self.initialized):
             if not self._collect_for_init(h):
                 self.num_steps += 1
                 return torch.full(
                     (h.shape[0], self.num_prototypes), 1.0 / self.num_prototypes, device=h.device
                 )
-        gamma = torch.softmax(self._log_joint(h).mul_(self.beta), dim=1)
-        count, total, total_sq = self._batch_statistics(h, gamma)
-        self._forget_and_accumulate(count, total, total_sq)
+        # 1. E-step: tempered responsibilities for the means and weights; for the variances
+        #    the untempered ones (anneal="means"), so soft assignments cannot inflate them.
+        log_joint = self._log_joint(h)
+        gamma = torch.softmax(log_joint * self.beta, dim=1)
+        gamma_var = gamma
+        if self.anneal == "means" and self.beta < 1.0:
+            gamma_var = torch.softmax(log_joint, dim=1)
+        # 2.-4. statistics, forgetting, M-step.
+        self._accumulate(self._batch_statistics(h, gamma, gamma_var))
         self._m_step()
-        if self.reseed_after is not None:
-            self._reseed_stranded(h, count)
+        # 5. split and merge.
+        if self.merge_overlap is not None or self.reseed_min_share is not None:
+            self._split_and_merge(h, log_joint)
         self.num_steps += 1
         return gamma
 
@@ -345,211 +460,260 @@ class OnlineGMM(PrototypeSet):
                     out[:, lo:hi] = log_pi[lo:hi] - 0.5 * (sq_dist / var + logdet)
             return out
 
-    def _batch_statistics(self, h: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``n_k, s_k, q_k`` of the batch, summed over ranks when distributed.
+    def _batch_statistics(self, h: Tensor, gamma: Tensor, gamma_var: Tensor) -> dict[str, Tensor]:
+        """Batch statistics of the means and of the variances, summed over ranks.
 
-        ``[s, q] = gamma^T [h, h^2]`` is one ``K x N x 2d`` product (isotropic: ``q_k`` is
-        ``sum_i gamma_ik ||h_i||^2 / d``).
+        ``s = gamma^T h`` and ``[s', q] = gamma'^T [h, h^2]``: while annealing with
+        ``anneal="means"`` three ``K x N x d`` products, one ``K x N x 2d`` product
+        otherwise (isotropic: ``q_k = sum_i gamma'_ik ||h_i||^2 / d``).
         """
-        count = gamma.sum(dim=0)
         if self.covariance == "diagonal":
-            both = gamma.T @ torch.cat([h, h * h], dim=1)
-            total, total_sq = both[:, : self.dim].contiguous(), both[:, self.dim :].contiguous()
+            both = gamma_var.T @ torch.cat([h, h * h], dim=1)
+            var_total, total_sq = both[:, : self.dim], both[:, self.dim :]
         else:
-            total = gamma.T @ h
-            total_sq = gamma.T @ ((h * h).sum(dim=1) / self.dim)
+            var_total = gamma_var.T @ h
+            total_sq = gamma_var.T @ ((h * h).sum(dim=1) / self.dim)
+        separate = gamma_var is not gamma
+        stats = {
+            "count": gamma.sum(dim=0),
+            "total": gamma.T @ h if separate else var_total,
+            "var_count": gamma_var.sum(dim=0) if separate else None,
+            "var_total": var_total if separate else None,
+            "total_sq": total_sq,
+        }
+        stats = {name: value.contiguous() for name, value in stats.items() if value is not None}
         if _distributed_world_size() > 1:
             # Every rank must hold the same mixture: sum the statistics over the global batch.
-            flat = torch.cat([count, total.flatten(), total_sq.flatten()])
+            names = list(stats)
+            flat = torch.cat([stats[name].flatten() for name in names])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            k, d = self.num_prototypes, self.dim
-            count = flat[:k]
-            total = flat[k : k + k * d].view(k, d)
-            total_sq = flat[k + k * d :].view(total_sq.shape)
-        return count, total, total_sq
+            for name, piece in zip(
+                names, flat.split([stats[name].numel() for name in names]), strict=True
+            ):
+                stats[name] = piece.view(stats[name].shape)
+        stats.setdefault("var_count", stats["count"])
+        stats.setdefault("var_total", stats["total"])
+        return stats
 
-    def _forget_and_accumulate(self, count: Tensor, total: Tensor, total_sq: Tensor) -> None:
+    def _retention(self, count: Tensor) -> Tensor:
+        """``lambda_k`` of step 3 for batch counts ``count``."""
         if self.forgetting == "responsibility":
-            retain = torch.pow(torch.tensor(self.eta, device=count.device), count)
-        elif self.forgetting == "time":
-            retain = torch.full_like(count, self.eta)
-        else:
-            retain = torch.ones_like(count)
-        self.stat_count.mul_(retain).add_(count)
-        self.stat_sum.mul_(retain[:, None]).add_(total)
-        retain_sq = retain[:, None] if self.covariance == "diagonal" else retain
-        self.stat_sq.mul_(retain_sq).add_(total_sq)
-        self.mix_count.mul_(self.mixing_eta).add_(count)
+            return torch.pow(torch.tensor(self.eta, device=count.device), count)
+        if self.forgetting == "time":
+            return torch.full_like(count, self.eta)
+        return torch.ones_like(count)
 
-    def _m_step(self) -> None:
-        """``mu = S/N``, ``var = max(Q/N - mu^2, floor)``; empty components keep their estimate."""
-        has_mass = self.stat_count > _TINY_COUNT
-        denom = self.stat_count.clamp_min(_TINY_COUNT)
-        mean = self.stat_sum / denom[:, None]
+    def _accumulate(self, stats: dict[str, Tensor]) -> None:
+        """Step 3: forget (per component) and add the batch's statistics."""
+        retain = self._retention(stats["count"])
+        self.stat_count.mul_(retain).add_(stats["count"])
+        self.stat_sum.mul_(retain[:, None]).add_(stats["total"])
+        retain_var = self._retention(stats["var_count"])
+        self.var_count.mul_(retain_var).add_(stats["var_count"])
+        self.var_sum.mul_(retain_var[:, None]).add_(stats["var_total"])
+        self.stat_sq.mul_(retain_var[:, None] if self.covariance == "diagonal" else retain_var)
+        self.stat_sq.add_(stats["total_sq"])
+        if self.mixing_eta is not None:
+            mixing_retain = self.mixing_eta
+        else:  # remember mixing_memory expected hits: N / K of them per step
+            rows = float(stats["count"].sum())
+            mixing_retain = math.exp(-rows / (self.num_prototypes * self.mixing_memory))
+        self.mix_count.mul_(mixing_retain).add_(stats["count"])
+
+    def _m_step(self, components: Tensor | None = None) -> None:
+        """``mu = S/N``, ``var = max(Q/N' - (S'/N')^2, floor)``; empty components keep theirs.
+
+        Args:
+            components: indices to re-estimate (all when None).
+        """
+        index = slice(None) if components is None else components
+        count, var_count = self.stat_count[index], self.var_count[index]
+        mean = self.stat_sum[index] / count.clamp_min(_TINY_COUNT)[:, None]
+        var_mean = self.var_sum[index] / var_count.clamp_min(_TINY_COUNT)[:, None]
         if self.covariance == "diagonal":
-            var = self.stat_sq / denom[:, None] - mean * mean
-            keep_var = has_mass[:, None]
+            var = self.stat_sq[index] / var_count.clamp_min(_TINY_COUNT)[:, None]
+            var = var - var_mean * var_mean
+            keep_var = (var_count > _TINY_COUNT)[:, None]
         else:
-            var = self.stat_sq / denom - self._mean_sq(mean)
-            keep_var = has_mass
-        self.mean.copy_(torch.where(has_mass[:, None], mean, self.mean))
-        self.var.copy_(torch.where(keep_var, var.clamp_min(self.var_floor), self.var))
+            var = self.stat_sq[index] / var_count.clamp_min(_TINY_COUNT)
+            var = var - self._mean_sq(var_mean)
+            keep_var = var_count > _TINY_COUNT
+        self.mean[index] = torch.where((count > _TINY_COUNT)[:, None], mean, self.mean[index])
+        self.var[index] = torch.where(keep_var, var.clamp_min(self.variance_floor), self.var[index])
 
     # ------------------------------------------------------------------ initialisation
     def _collect_for_init(self, h: Tensor) -> bool:
-        """Buffer ``h`` until ``init_samples`` are collected; initialise then. True once done."""
-        if self.init_samples == 0:
+        """Buffer ``h`` until ``init_samples`` rows are collected, then initialise from them and
+        the rest of that batch. True once done."""
+        if self._init_rows == 0:
             self._initialize_from(h)
             return True
+        if _distributed_world_size() > 1:
+            # The global batch fills the buffer, the same on every rank (a checkpoint's
+            # fingerprint compares every buffer across ranks).
+            h = _all_gather_rows(h)
         start = int(self.init_filled)
-        take = min(self.init_samples - start, h.shape[0])
+        take = min(self._init_rows - start, h.shape[0])
         self.init_buffer[start : start + take] = h[:take]
         self.init_filled += take
-        if int(self.init_filled) < self.init_samples:
+        if int(self.init_filled) < self._init_rows:
             return False
-        self._initialize_from(self.init_buffer)
+        # The rest of the batch that completed the buffer is used too.
+        self._initialize_from(torch.cat([self.init_buffer, h[take:]]))
         return True
 
     def _initialize_from(self, x: Tensor) -> None:
-        """Means from k-means++ seeds and Lloyd iterations over ``x``; shared variances.
+        """Means by k-means (best of ``init_restarts``); variances pooled within clusters.
 
-        Under ``torch.distributed`` rank 0 initialises and broadcasts, so every rank starts
-        from the same mixture.
+        The pooled within-cluster variance, not the variance of all embeddings: the latter
+        includes the spread between clusters, and a first E-step that broad assigns every
+        embedding to every component. Under ``torch.distributed`` rank 0 initialises and
+        broadcasts, so every rank starts from the same mixture.
         """
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        means = self._seed_means(x, generator)
-        for _ in range(self.kmeans_iters):
-            means = self._lloyd_step(x, means)
-        if self.covariance == "diagonal":
-            var = (
-                x.var(dim=0, unbiased=False)
-                .clamp_min(self.var_floor)
-                .expand(self.num_prototypes, -1)
-            )
-        else:
-            var = (
-                x.var(dim=0, unbiased=False)
-                .mean()
-                .clamp_min(self.var_floor)
-                .expand(self.num_prototypes)
-            )
-        self.mean.copy_(means)
-        self.var.copy_(var)
-        self.stat_count.fill_(self.n_init)
-        self.mix_count.fill_(self.n_init)
-        self.stat_sum.copy_(means * self.n_init)
-        self.stat_sq.copy_((self.var + self._mean_sq(means)) * self.n_init)
+        fit = kmeans(
+            x,
+            self.num_prototypes,
+            generator=generator,
+            iters=self.kmeans_iters,
+            restarts=self.init_restarts,
+            kmeanspp_max_seeds=self.kmeanspp_max_seeds,
+            chunk_size=self.chunk_size,
+        )
+        centre = fit.means[fit.labels] if self.init_variance == "pooled" else x.mean(dim=0)
+        residual = (x - centre) ** 2
+        pooled = residual.mean(dim=0) if self.covariance == "diagonal" else residual.mean()
+        self.mean.copy_(fit.means)
+        self.var.copy_(pooled.clamp_min(self.variance_floor).expand_as(self.var))
+        for name in ("stat_count", "var_count", "mix_count"):
+            getattr(self, name).fill_(self.n_init)
+        self.stat_sum.copy_(fit.means * self.n_init)
+        self.var_sum.copy_(fit.means * self.n_init)
+        self.stat_sq.copy_((self.var + self._mean_sq(fit.means)) * self.n_init)
         if _distributed_world_size() > 1:
-            for buffer in (
-                self.mean,
-                self.var,
-                self.stat_count,
-                self.mix_count,
-                self.stat_sum,
-                self.stat_sq,
-            ):
-                dist.broadcast(buffer, src=0)
+            for name in ("mean", "var", *_MASS_BUFFERS):
+                dist.broadcast(getattr(self, name), src=0)
         self.initialized.fill_(True)
 
-    def _seed_means(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """K initial means: k-means++ over the distinct rows of ``x`` where possible.
+    # ------------------------------------------------------------------ split and merge
+    def _split_and_merge(self, h: Tensor, log_joint: Tensor) -> None:
+        """Step 5: merge overlapping pairs, free stranded components, split to re-use them.
 
-        When K exceeds the number of rows (or ``kmeanspp_max_seeds``), the remaining means
-        are rows of ``x`` drawn at random plus a small jitter, projected to the sphere, so
-        every component starts inside the data's cap rather than far from any data.
+        Under ``torch.distributed`` every rank gathers the global batch's candidates (each
+        row's two most likely components, their log joints, and the rows), so every rank
+        plans the same moves as one process on the whole batch would.
         """
-        k, n = self.num_prototypes, x.shape[0]
-        n_seeds = min(k, n)
-        if n_seeds <= self.kmeanspp_max_seeds:
-            index = self._kmeanspp_indices(x, n_seeds, generator)
-        else:
-            index = torch.randperm(n, generator=generator, device=x.device)[:n_seeds]
-        means = x[index]
-        if k > n_seeds:
-            extra = torch.randint(0, n, (k - n_seeds,), generator=generator, device=x.device)
-            spread = x.std(dim=0, unbiased=False).mean().clamp_min(1e-3)
-            noise = torch.randn(k - n_seeds, self.dim, generator=generator, device=x.device)
-            means = torch.cat([means, project_to_sphere(x[extra] + 0.5 * spread * noise)])
-        return means
-
-    @staticmethod
-    def _kmeanspp_indices(x: Tensor, n_seeds: int, generator: torch.Generator) -> Tensor:
-        """Greedy k-means++ seeding (Arthur & Vassilvitskii, 2007).
-
-        Each step draws ``2 + ln(K)`` candidates with probability proportional to the squared
-        distance to the closest seed and keeps the one that lowers the total potential most
-        (the variant scikit-learn uses): plain k-means++ often leaves a small cluster unseeded.
-        """
-        n = x.shape[0]
-        trials = 2 + int(math.log(max(n_seeds, 1)))
-        first = int(torch.randint(0, n, (1,), generator=generator, device=x.device))
-        chosen = [first]
-        closest = ((x - x[first]) ** 2).sum(dim=1)
-        x_sq = (x * x).sum(dim=1)
-        for _ in range(1, n_seeds):
-            if float(closest.sum()) <= 0.0:  # every row coincides with a seed: draw uniformly
-                weights = torch.ones_like(closest)
-                weights[chosen] = 0.0
-                if float(weights.sum()) <= 0.0:
-                    weights = torch.ones_like(closest)
-            else:
-                weights = closest
-            candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
-            # [trials, n] squared distances of every row to each candidate
-            dist_sq = x_sq[None, :] - 2.0 * x[candidates] @ x.T + x_sq[candidates, None]
-            potential = torch.minimum(closest[None, :], dist_sq.clamp_min(0.0))
-            best = int(potential.sum(dim=1).argmin())
-            chosen.append(int(candidates[best]))
-            closest = potential[best]
-        return torch.tensor(chosen, device=x.device)
-
-    def _lloyd_step(self, x: Tensor, means: Tensor) -> Tensor:
-        """One k-means (Lloyd) step, chunked over K; empty clusters keep their mean."""
-        best_score = torch.full((x.shape[0],), -math.inf, device=x.device)
-        best_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        for lo in range(0, self.num_prototypes, self.chunk_size):
-            chunk = means[lo : lo + self.chunk_size]
-            # argmin ||x - m||^2 = argmax (x.m - ||m||^2 / 2)
-            score = x @ chunk.T - 0.5 * (chunk * chunk).sum(dim=1)
-            value, index = score.max(dim=1)
-            better = value > best_score
-            best_score = torch.where(better, value, best_score)
-            best_index = torch.where(better, index + lo, best_index)
-        sums = torch.zeros_like(means).index_add_(0, best_index, x)
-        counts = torch.bincount(best_index, minlength=self.num_prototypes).to(x.dtype)
-        return torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], means)
-
-    # ------------------------------------------------------------------ re-seeding
-    def _reseed_stranded(self, h: Tensor, count: Tensor) -> None:
-        """Move components idle for ``reseed_after`` steps onto poorly explained embeddings."""
-        idle = count < self.reseed_min_mass
-        self.idle_steps.copy_(
-            torch.where(idle, self.idle_steps + 1, torch.zeros_like(self.idle_steps))
-        )
-        stranded = (self.idle_steps >= self.reseed_after).nonzero().flatten()
-        if stranded.numel() == 0:
-            return
-        # At most one component per embedding, longest idle first: re-seeding more components
-        # than the batch has rows would stack several means on one point (exact duplicates,
-        # i.e. collapse by construction). The others wait for the next steps.
-        if stranded.numel() > h.shape[0]:
-            longest_idle = torch.argsort(self.idle_steps[stranded], descending=True, stable=True)
-            stranded = stranded[longest_idle[: h.shape[0]]]
-        # The worst-explained embeddings under the updated mixture: lowest max log joint.
-        fit = self._log_joint(h).max(dim=1).values
-        targets = h[torch.argsort(fit)[: stranded.numel()]]
+        best = log_joint.topk(min(2, self.num_prototypes), dim=1)
+        top_values, top_indices = best.values, best.indices
         if _distributed_world_size() > 1:
-            # Ranks see different embeddings: every rank takes rank 0's targets.
-            dist.broadcast(targets, src=0)
-        self.mean[stranded] = targets
-        self.stat_sum[stranded] = targets * self.stat_count[stranded, None]
-        self.stat_sq[stranded] = (self.var[stranded] + self._mean_sq(targets)) * (
-            self.stat_count[stranded, None]
-            if self.covariance == "diagonal"
-            else self.stat_count[stranded]
+            h, top_values, top_indices = (
+                _all_gather_rows(tensor) for tensor in (h, top_values, top_indices)
+            )
+        merges, splits, targets = self._plan_moves(h, top_values, top_indices)
+        for keep, drop in merges.tolist():
+            for name in _MASS_BUFFERS:
+                buffer = getattr(self, name)
+                buffer[keep] += buffer[drop]
+        if merges.numel():
+            self._m_step(merges[:, 0])
+            self.moved[merges[:, 0]] = True
+            self.num_merged += merges.shape[0]
+        for (free, parent), target in zip(splits.tolist(), targets, strict=True):
+            self._split(parent, free, target)
+        self.num_reseeded += splits.shape[0]
+
+    def _plan_moves(
+        self, h: Tensor, top_values: Tensor, top_indices: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Which pairs merge (``[M, 2]`` keep, drop) and which components split (``[S, 2]``
+        free, parent) onto which targets (``[S, d]``).
+
+        Candidate pairs are the two most likely components of each row (``top_indices``);
+        a pair merges when its overlap exceeds ``merge_overlap``, most overlapping first,
+        each component in at most one move. Targets are the rows worst explained by the
+        mixture (lowest ``max_k log rho_ik``, ``top_values[:, 0]``), at most one per
+        best-explaining component ("parent"), which the split halves. Moves are limited to
+        the targets available: a merged component that could not be placed elsewhere would
+        stay on its partner.
+        """
+        device = h.device
+        busy = torch.zeros(self.num_prototypes, dtype=torch.bool, device=device)
+        merge_pairs: list[tuple[int, int]] = []
+        if self.merge_overlap is not None and self.num_prototypes > 1:
+            pairs = top_indices.sort(dim=1).values.unique(dim=0)
+            overlap = bhattacharyya_coefficient(
+                self.mean[pairs[:, 0]],
+                self.var[pairs[:, 0]],
+                self.mean[pairs[:, 1]],
+                self.var[pairs[:, 1]],
+            )
+            order = torch.argsort(overlap, descending=True)
+            for index in order[overlap[order] > self.merge_overlap].tolist():
+                a, b = pairs[index].tolist()
+                if busy[a] or busy[b]:
+                    continue
+                if self.stat_count[b] > self.stat_count[a]:
+                    a, b = b, a  # the heavier one survives
+                merge_pairs.append((a, b))
+                busy[a] = busy[b] = True
+        stranded: list[int] = []
+        if self.reseed_min_share is not None:
+            share = self.component_shares * self.num_prototypes
+            candidates = ((share < self.reseed_min_share) & ~busy).nonzero().flatten()
+            candidates = candidates[torch.argsort(share[candidates], stable=True)]
+            stranded = candidates.tolist()
+            busy[candidates] = True
+        free_count = len(merge_pairs) + len(stranded)
+        no_moves = (
+            torch.zeros(0, 2, dtype=torch.long, device=device),
+            torch.zeros(0, 2, dtype=torch.long, device=device),
+            h.new_zeros(0, self.dim),
         )
-        self.idle_steps[stranded] = 0
-        self.num_reseeded += stranded.numel()
+        if free_count == 0:
+            return no_moves
+        fit, parent = top_values[:, 0], top_indices[:, 0]
+        split_rows: list[int] = []
+        split_parents: list[int] = []
+        for row in torch.argsort(fit).tolist():
+            p = int(parent[row])
+            if busy[p]:
+                continue
+            busy[p] = True  # one split per component and step
+            split_rows.append(row)
+            split_parents.append(p)
+            if len(split_rows) == free_count:
+                break
+        merge_pairs = merge_pairs[: len(split_rows)]
+        freed = [drop for _, drop in merge_pairs] + stranded
+        freed = freed[: len(split_rows)]
+        if not freed:
+            return no_moves
+        merges = torch.tensor(merge_pairs, dtype=torch.long, device=device).view(-1, 2)
+        splits = torch.tensor(
+            list(zip(freed, split_parents[: len(freed)], strict=True)),
+            dtype=torch.long,
+            device=device,
+        ).view(-1, 2)
+        return merges, splits, h[split_rows[: len(freed)]]
+
+    def _split(self, parent: int, free: int, target: Tensor) -> None:
+        """Give ``free`` half of ``parent``'s mass and variance, with its mean on ``target``.
+
+        Halving every statistic of the parent keeps its mean and variance; the freed
+        component forgets its own (a stranded one's tiny weight, a merged one's copy).
+        """
+        for name in _MASS_BUFFERS:
+            buffer = getattr(self, name)
+            buffer[parent] *= 0.5
+            buffer[free] = buffer[parent]
+        self.mean[free] = target
+        self.var[free] = self.var[parent]
+        self.stat_sum[free] = target * self.stat_count[free]
+        self.var_sum[free] = target * self.var_count[free]
+        self.stat_sq[free] = (self.var[free] + self._mean_sq(target[None])[0]) * self.var_count[
+            free
+        ]
+        self.moved[free] = True
 
     #: The constructor arguments :meth:`settings` reports (all but K and d).
     SETTINGS = (
@@ -557,16 +721,20 @@ class OnlineGMM(PrototypeSet):
         "forgetting",
         "eta",
         "mixing",
+        "mixing_memory",
         "mixing_eta",
+        "anneal",
         "beta0",
         "anneal_steps",
         "var_floor",
         "n_init",
         "init_samples",
         "kmeans_iters",
+        "init_restarts",
+        "init_variance",
         "kmeanspp_max_seeds",
-        "reseed_after",
-        "reseed_min_mass",
+        "merge_overlap",
+        "reseed_min_share",
         "chunk_size",
         "center_momentum",
         "seed",
@@ -584,3 +752,10 @@ class OnlineGMM(PrototypeSet):
         return f"num_prototypes={self.num_prototypes}, dim={self.dim}, " + ", ".join(
             f"{name}={value}" for name, value in self.settings().items()
         )
+
+
+def _all_gather_rows(tensor: Tensor) -> Tensor:
+    """The rows of every rank, in rank order (equal row counts per rank, as DINO assumes)."""
+    gathered = [torch.empty_like(tensor) for _ in range(_distributed_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)

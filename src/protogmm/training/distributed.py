@@ -49,7 +49,13 @@ def synchronised_buffer_names(module: nn.Module) -> list[str]:
     names = []
     for prefix, child in module.named_modules():
         if isinstance(child, SYNCHRONISED_MODULES):
-            names += [f"{prefix}.{name}" if prefix else name for name, _ in child.named_buffers()]
+            # Non-persistent buffers (OnlineGMM.moved, a per-step mark) are not state.
+            transient = child._non_persistent_buffers_set
+            names += [
+                f"{prefix}.{name}" if prefix else name
+                for name, _ in child.named_buffers(recurse=False)
+                if name not in transient
+            ]
     return names
 
 

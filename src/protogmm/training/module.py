@@ -687,7 +687,10 @@ class PrototypicalSSL(L.LightningModule):
                 scores = self.clustering(teacher_embeddings.float())
                 logits = scores / self.hparams.clustering_target_temperature
                 return sinkhorn_knopp(logits).view(2, -1, k)
-        # Centre and sharpen the scores with the previous centre, then move it.
+        # Centre and sharpen the scores with the previous centre, then move it. Prototypes
+        # the mixture just moved (split and merge) start from the mean centre, not a stale one.
+        if self.gmm is not None:
+            self.objective.reset_center(self.gmm.moved)
         with torch.no_grad():
             teacher_scores = self.teacher_prototypes(teacher_embeddings).view(2, -1, k)
         targets = self.objective.teacher_distribution(
@@ -840,6 +843,7 @@ class PrototypicalSSL(L.LightningModule):
                     "gmm/log_var_mean": per_component.mean(),
                     "gmm/log_var_spread": per_component.std() if per_component.numel() > 1 else 0.0,
                     "gmm/reseeded": float(self.gmm.num_reseeded),
+                    "gmm/merged": float(self.gmm.num_merged),
                 }
             )
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
