@@ -90,3 +90,26 @@ def test_bad_z_raises(z: torch.Tensor, match: str) -> None:
 def test_bad_sizes_raise(args: tuple, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         LearnedPrototypes(*args)
+
+
+@pytest.mark.parametrize("init_scale", [0.25, 0.1, 3.0])
+def test_init_scale_scales_the_rows_and_keeps_their_directions(init_scale: float) -> None:
+    torch.manual_seed(5)
+    reference = LearnedPrototypes(16, 8)
+    next_draw = torch.rand(3)
+    torch.manual_seed(5)
+    scaled = LearnedPrototypes(16, 8, init_scale=init_scale)
+    assert torch.equal(torch.rand(3), next_draw)  # the same draws as at 1, no extra ones
+    norms, reference_norms = scaled.weight.norm(dim=1), reference.weight.norm(dim=1)
+    torch.testing.assert_close(norms, init_scale * reference_norms, rtol=1e-6, atol=0)
+    torch.testing.assert_close(scaled.prototypes(), reference.prototypes(), rtol=0, atol=1e-7)
+    if init_scale == 0.25:  # a power of two: the scaling is exact in floating point
+        assert torch.equal(scaled.weight, 0.25 * reference.weight)
+        assert torch.equal(norms, 0.25 * reference_norms)
+        assert torch.equal(scaled.prototypes(), reference.prototypes())
+
+
+@pytest.mark.parametrize("init_scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_init_scale_raises(init_scale: float) -> None:
+    with pytest.raises(ValueError, match="init_scale"):
+        LearnedPrototypes(4, 3, init_scale=init_scale)

@@ -61,6 +61,8 @@ def test_unknown_key_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
         (["--model.backbone", "alexnet"], "model.backbone"),
         (["--data.local_size", "64"], "local_size"),
         (["--model.lr", "fast"], "model.lr"),
+        (["--model.prototype_init_scale", "0"], "model.prototype_init_scale"),
+        (["--model.schedule_steps", "0"], "model.schedule_steps"),
     ],
 )
 def test_bad_values_are_one_line_errors_before_training(

@@ -445,6 +445,33 @@ def test_a_mid_epoch_checkpoint_needs_its_process_layout(mid_epoch_checkpoint: P
     assert notes == ["model.lr: 0.001 -> 0.5"]
 
 
+@pytest.mark.parametrize(
+    ("saved", "now", "fails"),
+    [
+        ({}, 1.0, False),  # a checkpoint from before the option: two groups, as at 1
+        ({}, 3.0, True),
+        ({"prototype_lr_multiplier": 3.0}, 1.0, True),
+        ({"prototype_lr_multiplier": 3.0}, 2.0, False),  # a note: same layout, new value
+    ],
+)
+def test_a_changed_optimizer_layout_is_one_line_before_any_step(
+    tmp_path: Path, saved: dict, now: float, fails: bool
+) -> None:
+    path = tmp_path / "joint.ckpt"
+    torch.save({"hyper_parameters": {"prototypes": "joint", **saved}}, path)
+    hparams = {"prototypes": "joint", "prototype_lr_multiplier": now}
+    if fails:
+        with pytest.raises(ValueError, match=r"model\.prototype_lr_multiplier") as error:
+            check_resume_compatible(path, hparams, None, world_size=1)
+        assert "\n" not in str(error.value)
+    else:
+        notes = check_resume_compatible(path, hparams, None, world_size=1)
+        assert notes == ([] if not saved else ["model.prototype_lr_multiplier: 3.0 -> 2.0"])
+    # Decoupled prototypes are buffers: two groups whatever the multiplier.
+    torch.save({"hyper_parameters": {"prototypes": "decoupled", **saved}}, path)
+    check_resume_compatible(path, hparams | {"prototypes": "decoupled"}, None, world_size=1)
+
+
 TORCHRUN_2_PER_NODE = {
     "RANK": "0",
     "GROUP_RANK": "0",

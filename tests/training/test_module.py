@@ -61,20 +61,24 @@ def fit(
     epochs: int = 2,
     ckpt_path: str | None = None,
     crash_at_step: int | None = None,
+    callbacks: tuple[L.Callback, ...] = (),
+    max_steps: int = -1,
     **model_kwargs: object,
 ) -> tuple[PrototypicalSSL, L.Trainer]:
     L.seed_everything(0, verbose=False)
     model = tiny_model(kind, **model_kwargs)
+    crash = [CrashAtStep(crash_at_step)] if crash_at_step is not None else []
     trainer = build_trainer(
         tmp_path,
         max_epochs=epochs,
+        max_steps=max_steps,
         accelerator="cpu",
         devices=1,
         deterministic=True,
         enable_progress_bar=False,
         enable_model_summary=False,
         dense_every_n_steps=2,
-        callbacks=[CrashAtStep(crash_at_step)] if crash_at_step is not None else [],
+        callbacks=[*crash, *callbacks],
     )
     trainer.fit(model, datamodule=tiny_data(), ckpt_path=ckpt_path)
     return model, trainer
@@ -348,4 +352,177 @@ def test_training_moves_the_clustering_layer_by_its_optimizer_not_by_the_ema(
 def test_partial_is_refused_outside_dino_naming_both_keys(host: str) -> None:
     with pytest.raises(ValueError, match=r"model\.prototypes.*model\.host") as error:
         tiny_model("partial", host=host, carp_block_size=8)
+    assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- joint baseline options
+
+
+@pytest.mark.parametrize(
+    ("host", "extra"),
+    [
+        ("dino", {}),
+        (
+            "ibot",
+            {
+                "backbone": "vit",
+                "backbone_kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+                "head_bn": False,
+            },
+        ),
+        ("carp", {"carp_block_size": 8}),
+    ],
+)
+def test_prototype_init_scale_scales_every_learned_set_and_keeps_the_scores(
+    host: str, extra: dict
+) -> None:
+    scale = 0.25  # a power of two, so "scale x the norms" and the scores are exact
+    L.seed_everything(0, verbose=False)
+    reference = tiny_model("joint", host=host, **extra)
+    L.seed_everything(0, verbose=False)
+    scaled = tiny_model("joint", host=host, prototype_init_scale=scale, **extra)
+    sets = scaled.learned_prototype_sets()
+    assert len(sets) == (2 if host == "ibot" else 1)  # iBOT: the separate patch set too
+    for ours, theirs in zip(sets, reference.learned_prototype_sets(), strict=True):
+        assert torch.equal(ours.weight.norm(dim=1), scale * theirs.weight.norm(dim=1))
+        assert torch.equal(ours.prototypes(), theirs.prototypes())
+    # Every other parameter is drawn as before, and the teacher starts as the student's copy.
+    reference_state = reference.state_dict()
+    for name, value in scaled.state_dict().items():
+        if "prototypes" not in name:
+            assert torch.equal(value, reference_state[name]), name
+    teacher = scaled.teacher.state_dict()
+    for name, value in scaled.student.state_dict().items():
+        assert torch.equal(teacher[name], value), name
+    z = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(scaled.student_prototypes(z), reference.student_prototypes(z))
+    assert torch.equal(scaled.teacher_patch_prototypes(z), reference.teacher_patch_prototypes(z))
+
+
+def test_prototype_init_scale_leaves_decoupled_and_the_clustering_layer_alone() -> None:
+    for kind, module in (("decoupled", "gmm"), ("partial", "clustering")):
+        L.seed_everything(0, verbose=False)
+        reference = getattr(tiny_model(kind), module).state_dict()
+        L.seed_everything(0, verbose=False)
+        scaled = getattr(tiny_model(kind, prototype_init_scale=0.1), module).state_dict()
+        for name, value in reference.items():
+            assert torch.equal(scaled[name], value), f"{kind}: {name}"
+
+
+class RecordGroups(L.Callback):
+    """Each step's optimizer groups (lr, weight decay) and schedule, just before it steps."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, list[tuple[float, float]], dict[str, float]]] = []
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: PrototypicalSSL, optimizer: torch.optim.Optimizer
+    ) -> None:
+        groups = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+        self.steps.append((trainer.global_step, groups, pl_module._current_schedule()))
+
+
+def test_prototype_lr_multiplier_scales_the_prototype_group_every_step(tmp_path: Path) -> None:
+    recorder = RecordGroups()
+    model, trainer = fit(
+        tmp_path, "joint", epochs=1, callbacks=(recorder,), prototype_lr_multiplier=3.0
+    )
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 3
+    assert groups[2]["params"] == [model.student["prototypes"].weight]
+    assert [step for step, _, _ in recorder.steps] == [0, 1, 2, 3]
+    reference = tiny_model("joint")  # the schedules of a plain module: same lr and decay
+    for step, recorded, schedule in recorder.steps:
+        expected = reference.schedule_at(step, 4, 4)
+        assert schedule == expected
+        lr, wd = expected["lr"], expected["weight_decay"]
+        assert recorded == [(lr, wd), (lr, 0.0), (lr * 3.0, wd)], step
+    # The same parameters are optimised as without the option, only regrouped; the
+    # prototypes were in the decayed group and stay decayed.
+    plain = [{id(p) for p in g["params"]} for g in reference.configure_optimizers().param_groups]
+    ours = [{id(p) for p in g["params"]} for g in model.configure_optimizers().param_groups]
+    by_name = {id(p): n for n, p in model.named_parameters()}
+    assert {by_name[i] for i in ours[2]} == {"student.prototypes.weight"}
+    assert len(ours[0] | ours[2]) == len(plain[0]) and len(ours[1]) == len(plain[1])
+
+
+@pytest.mark.parametrize("kind", ["joint", "decoupled", "partial"])
+def test_the_default_optimizer_keeps_dinos_two_groups(kind: str) -> None:
+    model = tiny_model(kind)
+    groups = model.configure_optimizers().param_groups
+    decayed = [
+        p for n, p in model.student.named_parameters() if p.ndim > 1 and not n.endswith(".bias")
+    ]
+    assert len(groups) == 2 and groups[0]["params"] == decayed
+    assert model.group_schedule == [(1.0, True), (1.0, False)]
+    # Decoupled: the mixture has no parameters, so the multiplier changes nothing.
+    if kind == "decoupled":
+        other = tiny_model(kind, prototype_lr_multiplier=3.0).configure_optimizers()
+        assert len(other.param_groups) == 2
+
+
+def test_schedule_steps_runs_the_first_steps_of_a_longer_schedule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import protogmm.training.module as module
+
+    momenta: list[float] = []
+    update_ema = module.update_ema_
+
+    def recording_update_ema(teacher: object, student: object, momentum: float) -> None:
+        momenta.append(momentum)
+        update_ema(teacher, student, momentum)
+
+    monkeypatch.setattr(module, "update_ema_", recording_update_ema)
+    recorder = RecordGroups()
+    model, trainer = fit(tmp_path, "joint", epochs=1, callbacks=(recorder,), schedule_steps=40)
+    assert trainer.global_step == 4 and model.schedule_horizon() == 40
+    assert model.hparams.schedule_steps == 40
+    assert "schedule_steps: 40" in (tmp_path / "hparams.yaml").read_text()
+    # A plain module's schedule over a 40-step horizon (4 steps per epoch), at the same steps.
+    reference = tiny_model("joint")
+    for (step, groups, schedule), momentum in zip(recorder.steps, momenta, strict=True):
+        expected = reference.schedule_at(step, 40, 4)
+        assert schedule == expected, step
+        assert groups == [(expected["lr"], expected["weight_decay"]), (expected["lr"], 0.0)]
+        assert momentum == expected["teacher_momentum"], step
+    # Warm-up (0.5 epoch) stays in epochs of the real loader: peak lr at step 2, then the
+    # cosine has barely started (the run's own horizon would have ended it at step 4).
+    assert recorder.steps[2][2]["lr"] == pytest.approx(model.hparams.lr)
+    assert recorder.steps[3][2]["lr"] > 0.99 * model.hparams.lr
+
+
+def test_schedule_steps_sets_the_gmm_annealing(tmp_path: Path) -> None:
+    model, trainer = fit(
+        tmp_path, "decoupled", epochs=1, schedule_steps=40, gmm_anneal_fraction=0.5
+    )
+    assert trainer.global_step == 4
+    assert model.gmm.anneal_steps == 20  # 0.5 x 40, not 0.5 x the run's 4 steps
+    assert model.gmm.beta < 1.0
+
+
+def test_schedule_epochs_count_the_loader_when_max_steps_ends_the_run(tmp_path: Path) -> None:
+    # 5 epochs of 4 batches, cut at 3 steps: an epoch is still 4 steps, not 3 // 5 -> 1.
+    with pytest.warns(UserWarning, match=r"model\.schedule_steps=2 is shorter .* 3 "):
+        model, trainer = fit(tmp_path, "joint", epochs=5, max_steps=3, schedule_steps=2)
+    assert trainer.global_step == 3
+    assert model.steps_per_epoch() == 4
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("prototype_init_scale", 0.0),
+        ("prototype_init_scale", -0.1),
+        ("prototype_init_scale", float("nan")),
+        ("prototype_lr_multiplier", 0.0),
+        ("prototype_lr_multiplier", float("inf")),
+        ("schedule_steps", 0),
+        ("schedule_steps", 2.5),
+        ("schedule_steps", True),
+    ],
+)
+def test_bad_joint_baseline_option_is_one_line_naming_the_key(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"model\.{key}") as error:
+        tiny_model("joint", **{key: value})
     assert "\n" not in str(error.value)

@@ -119,6 +119,12 @@ def losses(run_dir: Path) -> dict[int, float]:
 DECOUPLED = {"prototypes": "decoupled"}
 POSTERIOR = {"prototypes": "decoupled", "targets": "posterior", "target_balancing": "sinkhorn"}
 JOINT = {"prototypes": "joint"}
+#: The joint baseline's options: a third optimizer group, and schedules longer than the run.
+JOINT_OPTIONS = JOINT | {
+    "prototype_init_scale": 0.1,
+    "prototype_lr_multiplier": 3.0,
+    "schedule_steps": 20,
+}
 
 
 @pytest.mark.parametrize(
@@ -128,6 +134,7 @@ JOINT = {"prototypes": "joint"}
         pytest.param(DECOUPLED, True, id="decoupled-host-all-callbacks"),
         pytest.param(POSTERIOR, True, id="decoupled-posterior"),
         pytest.param(JOINT, True, id="joint"),
+        pytest.param(JOINT_OPTIONS, False, id="joint-baseline-options"),
     ],
 )
 def test_mid_epoch_resume_equals_the_uninterrupted_run(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protogmm._checks import check_matrix, check_positive_int
+from protogmm._checks import check_in_range, check_matrix, check_positive_int
 from protogmm.prototypes.base import PrototypeSet
 
 
@@ -36,6 +36,12 @@ class LearnedPrototypes(PrototypeSet):
     Args:
         num_prototypes: K, the number of prototypes (>= 1).
         dim: d, the embedding dimension (>= 1).
+        init_scale: factor on the initial ``weight`` (> 0; 1: nn.Linear's init). The
+            directions, and so the scores, are the same as at 1 for the same RNG state;
+            only ``||v||`` changes, and with it the angle an optimizer step turns a
+            prototype by (about ``lr * sqrt(d) / ||v||`` for AdamW). DINO's weight decay
+            shrinks ``||v||`` of its last layer to about 0.05-0.25 in its first epochs,
+            while nn.Linear's init gives about 0.5 here; 0.1 starts there.
 
     Attributes:
         weight: ``nn.Parameter`` ``[K, d]``, the un-normalised directions ``v``. Its scale is
@@ -44,15 +50,19 @@ class LearnedPrototypes(PrototypeSet):
 
     decoupled = False
 
-    def __init__(self, num_prototypes: int, dim: int) -> None:
+    def __init__(self, num_prototypes: int, dim: int, init_scale: float = 1.0) -> None:
         check_positive_int("num_prototypes", num_prototypes)
         check_positive_int("dim", dim)
+        check_in_range("init_scale", init_scale, 0.0, math.inf, low_inclusive=False)
         super().__init__(num_prototypes, dim)
         self.weight = nn.Parameter(torch.empty(num_prototypes, dim))
         # DINO builds its last layer after ``self.apply(_init_weights)``, so the layer keeps
         # nn.Linear's default init (kaiming-uniform, a = sqrt(5)); we reproduce it exactly.
         # Draws from the global RNG, so ``torch.manual_seed`` makes it reproducible.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if init_scale != 1.0:  # after the draw: same directions, same RNG stream as at 1
+            with torch.no_grad():
+                self.weight.mul_(init_scale)
 
     def prototypes(self) -> Tensor:
         """Return the ``[K, d]`` unit-norm prototypes ``v_k / ||v_k||`` (differentiable)."""

@@ -67,7 +67,9 @@ class PrototypicalSSL(L.LightningModule):
 
     Schedules are per step and derived from the step alone (so resuming restores them
     exactly): cosine learning rate with linear warm-up, cosine weight decay, cosine teacher
-    momentum, linear teacher-temperature warm-up, and the GMM's annealing of beta.
+    momentum, linear teacher-temperature warm-up, and the GMM's annealing of beta. They span
+    :meth:`schedule_horizon` optimizer steps (the run's, or ``schedule_steps``); the options
+    given in epochs count epochs of the real training loader (:meth:`steps_per_epoch`).
 
     Args:
         backbone: a name known to :func:`protogmm.models.build_backbone`.
@@ -114,8 +116,31 @@ class PrototypicalSSL(L.LightningModule):
         weight_decay: weight decay at step 0 (cosine to ``weight_decay_end``).
         weight_decay_end: final weight decay.
         teacher_momentum: EMA momentum at step 0 (cosine to 1).
+        schedule_steps: the horizon of every schedule in optimizer steps (>= 1), instead of
+            the run's own length (``trainer.estimated_stepping_batches``): the learning-rate
+            cosine, the weight-decay and teacher-momentum cosines and the GMM's annealing
+            (``gmm_anneal_fraction`` of it) are laid out for this many steps, and the run
+            trains only as many as the trainer runs, so a run of M < N steps is the first M
+            steps of an N-step run (DINO's collapse happens in its first 10 of 100 epochs).
+            The options in epochs (``warmup_epochs``, ``teacher_temperature_warmup_epochs``,
+            ``freeze_prototypes_epochs``) stay in epochs of the real training loader. None:
+            the run's length (the default).
         freeze_prototypes_epochs: joint only: the prototype layer gets no update during the
             first epochs (DINO's ``freeze_last_layer``).
+        prototype_init_scale: joint (and the student's side of partial) only: factor on the
+            initial ``v`` of every jointly learned prototype set (the [CLS] set, iBOT's
+            separate patch set; the teacher starts as the student's copy), > 0. The scores
+            depend on the directions only and are unchanged, but an AdamW step turns a
+            prototype by about ``lr * sqrt(d) / ||v||``. DINO's weight decay (0.04 -> 0.4)
+            shrinks ``||v||`` of the last layer to about 0.05-0.25 within its first epochs,
+            while nn.Linear's init gives about 0.5 here; 0.1 starts there. 1: nn.Linear's
+            init (DINO's). No effect on decoupled prototypes or partial's clustering layer.
+        prototype_lr_multiplier: joint (and the student's side of partial) only: the jointly
+            learned prototype sets get their own AdamW group, decayed as the other weights,
+            whose learning rate is the scheduled one times this factor (> 0; torch's AdamW
+            decays by ``lr * weight_decay``, so their decay step scales too). 1: one
+            learning rate for all (DINO's), and the optimizer keeps its two groups. No
+            effect on decoupled prototypes (buffers) or partial's clustering layer.
         koleo_weight: joint only: weight of KoLeo-proto (Govindarajan et al. 2024) on every
             learned prototype set, added to any host's loss (0: off).
         host_seed: seed of the host's own random draws (iBOT masks and patch-mixture subset,
@@ -149,6 +174,10 @@ class PrototypicalSSL(L.LightningModule):
     #: during fit): while its ``skip_step`` is set the step trains nothing.
     step_guard: Any = None
 
+    #: Per optimizer group, by position (set by :meth:`configure_optimizers`): its factor on
+    #: the scheduled learning rate, and whether it follows the weight-decay schedule.
+    group_schedule: list[tuple[float, bool]]
+
     def __init__(
         self,
         backbone: str = "convnet",
@@ -178,7 +207,10 @@ class PrototypicalSSL(L.LightningModule):
         weight_decay: float = 0.04,
         weight_decay_end: float = 0.4,
         teacher_momentum: float = 0.996,
+        schedule_steps: int | None = None,
         freeze_prototypes_epochs: float = 1.0,
+        prototype_init_scale: float = 1.0,
+        prototype_lr_multiplier: float = 1.0,
         koleo_weight: float = 0.0,
         host_seed: int = 0,
         ibot_mask_ratio: tuple[float, float] = (0.1, 0.5),
@@ -210,8 +242,12 @@ class PrototypicalSSL(L.LightningModule):
             ("model.warmup_teacher_temperature", warmup_teacher_temperature),
             ("model.clustering_target_temperature", clustering_target_temperature),
             ("model.clustering_temperature", clustering_temperature),
+            ("model.prototype_init_scale", prototype_init_scale),
+            ("model.prototype_lr_multiplier", prototype_lr_multiplier),
         ):
             check_in_range(name, value, 0.0, math.inf, low_inclusive=False)
+        if schedule_steps is not None:
+            check_positive_int("model.schedule_steps", schedule_steps)
         check_in_range("model.min_lr", min_lr, 0.0, math.inf)
         for name, value in (
             ("model.weight_decay", weight_decay),
@@ -266,11 +302,15 @@ class PrototypicalSSL(L.LightningModule):
         if prototypes in ("joint", "partial"):
             # DINO: the prototypes are the student's last layer; the teacher holds an EMA copy
             # (partial: which the teacher does not use, see ``clustering`` below).
-            self.student["prototypes"] = LearnedPrototypes(num_prototypes, bottleneck_dim)
+            # Scaled before make_teacher below, so the teacher starts as the student's copy.
+            self.student["prototypes"] = LearnedPrototypes(
+                num_prototypes, bottleneck_dim, init_scale=prototype_init_scale
+            )
             if separate_patches:  # iBOT's second last layer (shared_head=False)
-                self.student["patch"] = nn.ModuleDict(
-                    {"prototypes": LearnedPrototypes(num_patch_prototypes, bottleneck_dim)}
+                patch_prototypes = LearnedPrototypes(
+                    num_patch_prototypes, bottleneck_dim, init_scale=prototype_init_scale
                 )
+                self.student["patch"] = nn.ModuleDict({"prototypes": patch_prototypes})
             self.gmm = None
         else:
             # Decoupled (paper Fig. 2b): one mixture shared by teacher and student, buffers only.
@@ -422,11 +462,27 @@ class PrototypicalSSL(L.LightningModule):
         return self.teacher_prototypes.prototypes().detach()
 
     # ------------------------------------------------------------------ schedules
+    def schedule_horizon(self) -> int:
+        """Optimizer steps every schedule spans: ``schedule_steps``, else the run's length.
+
+        The one rule for the schedules' ``total_steps`` (learning rate, weight decay, teacher
+        momentum, and the GMM's annealing in :meth:`on_fit_start`).
+        """
+        if self.hparams.schedule_steps is not None:
+            return int(self.hparams.schedule_steps)
+        return int(self.trainer.estimated_stepping_batches)
+
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch, from the trainer's estimate of the whole run."""
-        return max(
-            1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs)
-        )
+        """Optimizer steps per epoch of the real training loader (what schedule epochs mean).
+
+        From the loader's length, not the run's length over ``max_epochs``, which is wrong
+        once ``max_steps`` ends the run early (as with a short run under ``schedule_steps``).
+        """
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if math.isinf(batches):  # not set up yet, or a loader without a length: the estimate
+            return max(1, int(trainer.estimated_stepping_batches) // max(1, trainer.max_epochs))
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     def schedule_at(self, step: int, total_steps: int, steps_per_epoch: int) -> dict[str, float]:
         """Every per-step hyperparameter at ``step`` (a pure function of the step)."""
@@ -450,16 +506,27 @@ class PrototypicalSSL(L.LightningModule):
         }
 
     def _current_schedule(self) -> dict[str, float]:
-        return self.schedule_at(
-            self.global_step, int(self.trainer.estimated_stepping_batches), self.steps_per_epoch()
-        )
+        return self.schedule_at(self.global_step, self.schedule_horizon(), self.steps_per_epoch())
 
     def on_fit_start(self) -> None:
         if self.gmm is not None and self._anneal_from_fraction:
-            total = int(self.trainer.estimated_stepping_batches)
+            horizon = self.schedule_horizon()
             for mixture in (self.gmm, self.patch_gmm):
                 if mixture is not None:
-                    mixture.anneal_steps = int(round(self.hparams.gmm_anneal_fraction * total))
+                    mixture.anneal_steps = int(round(self.hparams.gmm_anneal_fraction * horizon))
+
+    def on_train_start(self) -> None:
+        # Here, not in on_fit_start: the loader is set up by now, so asking for the run's
+        # length does not set it up early (see reliability.DataPosition).
+        horizon, run_steps = self.hparams.schedule_steps, self.trainer.estimated_stepping_batches
+        if horizon is not None and run_steps > horizon:
+            warnings.warn(
+                f"model.schedule_steps={horizon} is shorter than this run's {run_steps} "
+                "optimizer steps: past it every schedule stays at its final value (teacher "
+                "momentum 1: the teacher stops moving)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ forward passes
     def embed(self, net: nn.ModuleDict, views: list[Tensor]) -> Tensor:
@@ -754,25 +821,48 @@ class PrototypicalSSL(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW with DINO's two groups: weights decayed, biases and norms not."""
-        decayed, not_decayed = [], []
+        """AdamW with DINO's two groups: weights decayed, biases and norms not.
+
+        With ``prototype_lr_multiplier != 1``, a third group: the jointly learned prototypes
+        (decayed, as in the first group), whose learning rate the multiplier scales. At 1 the
+        layout stays DINO's two groups, so checkpoints of either layout keep loading into the
+        runs that made them. :attr:`group_schedule` records each group's role, by position.
+        """
+        multiplier = self.hparams.prototype_lr_multiplier
+        learned = [
+            p for prototypes in self.learned_prototype_sets() for p in prototypes.parameters()
+        ]
+        separate = {id(param) for param in learned} if multiplier != 1.0 else set()
+        decayed, not_decayed, prototypes = [], [], []
         for name, param in self.student.named_parameters():
-            (not_decayed if param.ndim <= 1 or name.endswith(".bias") else decayed).append(param)
+            if id(param) in separate:
+                prototypes.append(param)
+            elif param.ndim <= 1 or name.endswith(".bias"):
+                not_decayed.append(param)
+            else:
+                decayed.append(param)
         # Partial: the clustering layer is trained by its own loss only (CAPI uses a separate
         # AdamW; one optimizer is the same update, since no other loss reaches it), no decay.
         if self.clustering is not None:
             not_decayed += list(self.clustering.parameters())
-        return torch.optim.AdamW(
-            [{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-        )
+        groups: list[dict[str, Any]] = [
+            {"params": decayed},
+            {"params": not_decayed, "weight_decay": 0.0},
+        ]
+        self.group_schedule = [(1.0, True), (1.0, False)]
+        if prototypes:
+            groups.append({"params": prototypes, "lr": self.hparams.lr * multiplier})
+            self.group_schedule.append((multiplier, True))
+        return torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Every step, from the step alone: a resumed optimizer (whose saved groups carry the
+        # last step's values) is overwritten before it steps again.
         schedule = self._current_schedule()
-        for index, group in enumerate(self.trainer.optimizers[0].param_groups):
-            group["lr"] = schedule["lr"]
-            if index == 0:
+        groups = self.trainer.optimizers[0].param_groups
+        for group, (lr_factor, decayed) in zip(groups, self.group_schedule, strict=True):
+            group["lr"] = schedule["lr"] * lr_factor
+            if decayed:
                 group["weight_decay"] = schedule["weight_decay"]
 
     def on_after_backward(self) -> None:
@@ -791,9 +881,7 @@ class PrototypicalSSL(L.LightningModule):
         #    checkpoint) run before the module's, and must see the step complete. The step
         #    counter moves after this hook, so global_step is still this step's.
         momentum = self.schedule_at(
-            self.global_step,
-            int(self.trainer.estimated_stepping_batches),
-            self.steps_per_epoch(),
+            self.global_step, self.schedule_horizon(), self.steps_per_epoch()
         )["teacher_momentum"]
         update_ema_(self.teacher, self.student, momentum)
 

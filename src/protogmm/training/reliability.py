@@ -556,6 +556,7 @@ def check_resume_compatible(
                 f"--ckpt_path {path}: model.{key} is {saved[key]!r} in the checkpoint but "
                 f"{model_hparams[key]!r} in this run"
             )
+    _check_optimizer_layout(path, saved, model_hparams)
     notes = [
         f"model.{key}: {saved[key]!r} -> {model_hparams[key]!r}"
         for key in sorted(set(saved) & set(model_hparams))
@@ -582,6 +583,28 @@ def check_resume_compatible(
     elif saved_world != world_size:
         notes.append(f"processes: {saved_world} -> {world_size}")
     return notes
+
+
+def _check_optimizer_layout(
+    path: str | os.PathLike, saved: Mapping[str, Any], model_hparams: Mapping[str, Any]
+) -> None:
+    """Raise if the saved optimizer state cannot load into this run's optimizer groups.
+
+    ``prototype_lr_multiplier != 1`` gives learned prototypes a third group
+    (:meth:`PrototypicalSSL.configure_optimizers`); a multiplier changed to or from 1 would
+    fail in the optimizer's own ``load_state_dict`` after the run started. A checkpoint from
+    before the option counts as 1 (its two groups).
+    """
+    if saved.get("prototypes", model_hparams.get("prototypes")) == "decoupled":
+        return  # buffers only: two groups whatever the multiplier
+    before = saved.get("prototype_lr_multiplier", 1.0)
+    after = model_hparams.get("prototype_lr_multiplier", 1.0)
+    if (before != 1.0) != (after != 1.0):
+        raise ValueError(
+            f"--ckpt_path {path}: model.prototype_lr_multiplier is {before!r} in the checkpoint "
+            f"but {after!r} in this run: a multiplier of 1 keeps 2 optimizer groups, any other "
+            "value 3, so the saved optimizer state cannot load (keep it 1, or keep it not 1)"
+        )
 
 
 def _loader_states(checkpoint: Mapping[str, Any]) -> list[dict[str, int]]:
