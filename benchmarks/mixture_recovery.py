@@ -119,11 +119,14 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.05, help="std per dimension")
     parser.add_argument("--every", type=int, default=10, help="steps between collapse counts")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 200 steps, d = 16")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 seeds, 200 steps, d = 16, two rows (~20 s)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.anneal_steps, args.dims = 2, 200, 150, [16]
+        args.rows = ["defaults", "before issue 16: plain annealed online EM"]
     columns = [(k, cov, d) for d in args.dims for k in args.ks for cov in ("diagonal", "isotropic")]
     header = "| mixture | " + " | ".join(f"K={k} {cov[:4]}. d={d}" for k, cov, d in columns) + " |"
     lines = [header, "|---" * (len(columns) + 1) + "|"]
