@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -141,11 +142,31 @@ def _one_line(text: str) -> str:
     return " ".join(message.split())[:500]
 
 
+def _check_config_files(args: list[str]) -> None:
+    """An empty ``--config`` file is one line naming it (jsonargparse says "Unexpected config:")."""
+    for index, arg in enumerate(args):
+        if arg == "--config" and index + 1 < len(args):
+            path = Path(args[index + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        else:
+            continue
+        if not path.is_file():
+            continue  # jsonargparse names a missing file itself
+        try:
+            content = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            continue  # the parser reports syntax errors with their position
+        if content is None:
+            raise ConfigError(f"--config {path}: the file is empty (no keys to set)")
+
+
 def run_fit(args: list[str]) -> int:
     """``protogmm fit``: parse and build with LightningCLI, then fit (resuming if asked).
 
     Returns 0, or 3 when the non-finite guard stopped the run (its message on stderr).
     """
+    _check_config_files(args)
     captured = io.StringIO()
     try:
         # Parsing and building print argparse's usage on error; keep only its message.
@@ -338,14 +359,26 @@ def run_diagnose(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     found = load_prototypes(args.checkpoint, key=args.key)
     print(describe_prototypes(found))
-    curves = {name: unique_prototype_curve(matrix, args.eps) for name, matrix in found.items()}
+    # An imperfect set (a NaN or all-zero row) is measured on its usable rows, said so in
+    # its row of the table; one bad layer does not stop the report on the others.
+    usable = {name: _usable_rows(matrix) for name, matrix in found.items()}
+    found = {name: matrix[usable[name]] for name, matrix in found.items()}
+    curves = {
+        name: unique_prototype_curve(matrix, args.eps)
+        for name, matrix in found.items()
+        if matrix.shape[0] > 0
+    }
     header = ["prototypes", "K"] + [f"unique ε={eps:g}" for eps in args.eps] + ["angle TV"]
     rows = []
     for name, matrix in found.items():
-        k = matrix.shape[0]
+        k, left_out = matrix.shape[0], int((~usable[name]).sum())
+        size = f"{k} ({left_out} non-finite or zero rows left out)" if left_out else str(k)
+        if k == 0:
+            rows.append([name, size] + ["n/a"] * (len(args.eps) + 1))
+            continue
         flatness = angle_flatness(prototype_angles(matrix)) if k >= 3 else float("nan")
         rows.append(
-            [name, str(k)]
+            [name, size]
             + [f"{curves[name][e]} ({100 * curves[name][e] / k:.1f}%)" for e in args.eps]
             + [f"{flatness:.2f}"]
         )
@@ -356,13 +389,22 @@ def run_diagnose(argv: list[str]) -> int:
         print(usage_table(module, data))
         print(long_tail_text(module, load_module(args.checkpoint, trained=False), data))
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-diagnose")
-    sizes = {name: m.shape[0] for name, m in found.items()}
-    plot_unique_vs_eps(curves, sizes, out / "unique_vs_eps.png")
-    plot_prototype_geometry(
-        {n: m for n, m in found.items() if m.shape[0] >= 3}, out / "prototype_geometry.png"
-    )
-    print(f"plots: {out / 'unique_vs_eps.png'}, {out / 'prototype_geometry.png'}")
+    written = []
+    if curves:
+        sizes = {name: found[name].shape[0] for name in curves}
+        written.append(plot_unique_vs_eps(curves, sizes, out / "unique_vs_eps.png"))
+    # The angle density needs at least 3 prototypes (K = 1 or 2 has no geometry to plot).
+    plottable = {n: m for n, m in found.items() if m.shape[0] >= 3}
+    if plottable:
+        written.append(plot_prototype_geometry(plottable, out / "prototype_geometry.png"))
+    if written:
+        print("plots: " + ", ".join(str(path) for path in written))
     return 0
+
+
+def _usable_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """``[K]`` mask of the finite, non-zero rows (Definition 2.1 needs a direction)."""
+    return torch.isfinite(matrix).all(dim=1) & (matrix.abs().sum(dim=1) > 0)
 
 
 def diagnose_datamodule(

@@ -265,3 +265,37 @@ def test_cli_scan_error_is_one_line(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr[-2000:]
     assert "1 unreadable image file(s) among 4" in lines[0] and str(paths[0]) in lines[0]
+
+
+def test_a_batch_larger_than_the_data_is_a_one_line_error_not_a_run_of_no_steps(
+    tmp_path: Path,
+) -> None:
+    data = SSLDataModule(dataset="synthetic", synthetic_samples=64, batch_size=128)
+    data.setup("fit")
+    with pytest.raises(ValueError, match=r"data\.batch_size: 128 .* 64 training images"):
+        data.train_dataloader()
+    # Through the command line: exit code 2 and one line naming the key, no run reported done.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "protogmm.cli",
+            "fit",
+            "--data.dataset",
+            "synthetic",
+            "--data.synthetic_samples",
+            "64",
+            "--data.batch_size",
+            "128",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.max_epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "data.batch_size: 128" in result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()

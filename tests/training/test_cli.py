@@ -63,6 +63,8 @@ def test_unknown_key_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
         (["--model.lr", "fast"], "model.lr"),
         (["--model.prototype_init_scale", "0"], "model.prototype_init_scale"),
         (["--model.schedule_steps", "0"], "model.schedule_steps"),
+        # the held-out split draws half as many: the message names the key and its value
+        (["--data.dataset", "synthetic", "--data.synthetic_samples", "10"], "got 10"),
     ],
 )
 def test_bad_values_are_one_line_errors_before_training(
@@ -135,3 +137,12 @@ def test_fit_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 8
+
+
+def test_an_empty_config_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    result = run_cli("fit", "--config", str(empty), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines == [f"protogmm fit: error: --config {empty}: the file is empty (no keys to set)"]

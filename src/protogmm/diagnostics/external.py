@@ -25,20 +25,21 @@ e.g. ``"student"``, ``"teacher"``, ``"model"``, ``"state_dict"``):
   ``weight / ||weight||``). SwAV's ``prototypes.weight`` is read the same way (SwAV
   normalises it after every step).
 
-Files are always read with ``torch.load(weights_only=True)``: a checkpoint that pickles
-other objects (an ``argparse.Namespace`` of arguments, a dataclass) is refused rather than
-unpickled, since unpickling can run arbitrary code. To read such a file from a source you
-trust, allow-list the classes yourself::
+Files are always read with ``torch.load(weights_only=True)``, with one class added to its
+allow-list: ``argparse.Namespace``, which facebookresearch/dino's full checkpoints use for
+their arguments. A Namespace is rebuilt as an empty object whose attributes are set, and its
+values go through the same restricted unpickler, so a Namespace of plain values is read and
+one holding anything else is refused. Any other pickled object (a dataclass, a custom class)
+is refused rather than unpickled, since unpickling can run arbitrary code; the error names
+the refused class. To read such a file from a source you trust, allow-list its classes::
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        found = load_prototypes("dino_full_checkpoint.pth")
-
-(facebookresearch/dino's full checkpoints store their arguments as an
-``argparse.Namespace`` and need exactly this.)
+    with torch.serialization.safe_globals([MyConfig]):
+        found = load_prototypes("checkpoint.pth")
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from collections.abc import Iterator, Mapping
@@ -183,7 +184,9 @@ def describe_prototypes(found: Mapping[str, Tensor]) -> str:
 def _load_tensors_only(path: Path) -> object:
     """``torch.load`` with ``weights_only=True``, turning a refusal into a one-line error."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # argparse.Namespace: DINO's full checkpoints hold their arguments in one (see above).
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         match = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(error))
         if match:

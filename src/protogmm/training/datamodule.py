@@ -152,6 +152,11 @@ class SSLDataModule(L.LightningDataModule):
         check_positive_int("data.num_local_crops", num_local_crops, minimum=0)
         check_positive_int("data.max_train_samples", max_train_samples, minimum=0)
         check_in_range("data.synthetic_imbalance_ratio", synthetic_imbalance_ratio, 1.0, 1e6)
+        check_positive_int("data.synthetic_classes", synthetic_classes)
+        # The held-out split draws half as many images, and each split needs every class once.
+        check_positive_int(
+            "data.synthetic_samples", synthetic_samples, minimum=2 * synthetic_classes
+        )
         check_positive_int("data.seed", seed, minimum=0)
         check_in_range(
             "data.test_fraction", test_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False
@@ -345,6 +350,15 @@ class SSLDataModule(L.LightningDataModule):
         # continues with the next batch (training/reliability.py).
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        per_process = len(self.train_set) // world_size
+        if per_process < self.hparams.batch_size:
+            # Whole batches only (drop_last): the run would take no step and report success.
+            raise ValueError(
+                f"data.batch_size: {self.hparams.batch_size} images per step exceed the "
+                f"{per_process} training images each of the {world_size} process(es) gets "
+                f"({self.hparams.dataset}, {len(self.train_set)} images): no step would run; "
+                "lower data.batch_size"
+            )
         sampler = ResumableDistributedSampler(
             self.train_set,
             num_replicas=world_size,
