@@ -106,7 +106,7 @@ class ProtoCLI(LightningCLI):
             run_dir = trainer.default_root_dir or "runs/default"
             trainer.default_root_dir = run_dir
             trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "class_path": "protogmm.training.run_logger.RunCSVLogger",
                 "init_args": {"save_dir": run_dir, "name": "", "version": ""},
             }
 

@@ -30,6 +30,7 @@ from protogmm.training.reliability import (
     ResumableDataLoader,
     ResumableDistributedSampler,
 )
+from protogmm.training.run_logger import RunCSVLogger
 from protogmm.training.runner import build_trainer, run_logger
 
 TINY_MODEL = {
@@ -253,3 +254,46 @@ def test_last_ckpt_is_the_last_epoch_even_when_knn_does_not_improve(tmp_path: Pa
     assert written == ["best-knn-epoch=0-top1=0.9000.ckpt", "last.ckpt"]
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 6)
+
+
+def test_a_resume_into_the_crashed_run_keeps_its_whole_metrics_history(tmp_path: Path) -> None:
+    fit(tmp_path / "full", DECOUPLED, True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "run", DECOUPLED, True, crash_at_step=3)  # mid-epoch checkpoint: step 3
+    checkpoint_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint_path, weights_only=True)["global_step"] == 3
+    fit(tmp_path / "run", DECOUPLED, True, checkpoint_path)
+
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    steps = [int(row["step"]) for row in rows]
+    assert steps == list(range(8))  # every step once: the crashed run's steps kept
+    full = losses(tmp_path / "full")
+    for row in rows:
+        assert float(row["train/loss"]) == pytest.approx(full[int(row["step"])], abs=1e-6, rel=0)
+    assert not (tmp_path / "run" / "metrics.csv.tmp").exists()
+
+
+def test_rows_logged_after_the_checkpoint_are_replaced_by_the_resumed_run(tmp_path: Path) -> None:
+    # A crash after step 5 with the checkpoint at step 3: steps 3-5 are logged again.
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,train/loss\n" + "".join(f"0,{s},{s}.5\n" for s in range(6))
+    )
+    writer = RunCSVLogger(save_dir=str(tmp_path), name="", version="").experiment
+    assert (tmp_path / "metrics.csv").exists()  # nothing deleted before the first save
+    writer.log_metrics({"train/loss": 30.0, "knn/top1": 0.5}, step=3)
+    writer.log_metrics({"train/loss": 40.0}, step=4)
+    writer.save()
+    writer.log_metrics({"train/loss": 50.0}, step=5)
+    writer.save()
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["step"], row["train/loss"]) for row in rows] == [
+        ("0", "0.5"),
+        ("1", "1.5"),
+        ("2", "2.5"),
+        ("3", "30.0"),
+        ("4", "40.0"),
+        ("5", "50.0"),
+    ]
+    assert rows[3]["knn/top1"] == "0.5" and rows[0]["knn/top1"] == ""  # new column, old rows

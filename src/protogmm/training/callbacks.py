@@ -245,7 +245,9 @@ class CollapseMonitor(L.Callback):
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:
+        # Not when resuming: the step counter is restored only after this hook, so the
+        # restored prototypes would be logged (and plotted) as step 0.
+        if trainer.global_step == 0 and trainer.ckpt_path is None:
             self._measure(trainer, pl_module)
 
     def on_train_batch_end(

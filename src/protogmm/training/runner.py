@@ -16,7 +16,6 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from protogmm._checks import check_positive_int
 from protogmm.training.callbacks import CollapseMonitor, KNNMonitor, RunReport
@@ -27,6 +26,7 @@ from protogmm.training.reliability import (
     NonFiniteAction,
     NonFiniteGuard,
 )
+from protogmm.training.run_logger import RunCSVLogger
 
 
 def run_callbacks(
@@ -86,9 +86,10 @@ def with_atomic_checkpoints(plugins: Any) -> list[Any]:
     return plugins
 
 
-def run_logger(run_dir: str | Path) -> CSVLogger:
-    """``metrics.csv`` directly in ``run_dir`` (no ``version_N`` sub-folders)."""
-    return CSVLogger(save_dir=str(run_dir), name="", version="")
+def run_logger(run_dir: str | Path) -> RunCSVLogger:
+    """``metrics.csv`` directly in ``run_dir`` (no ``version_N`` sub-folders), keeping the
+    rows logged before a resume."""
+    return RunCSVLogger(save_dir=str(run_dir), name="", version="")
 
 
 def build_trainer(run_dir: str | Path, **trainer_kwargs: Any) -> L.Trainer:

@@ -1,0 +1,65 @@
+"""``metrics.csv`` that survives a resume: Lightning's CSV logger, keeping the run's history.
+
+Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts, so a run resumed
+after a crash (or kill -9) kept only the steps after its checkpoint. This writer reads the
+existing rows instead, and at its first save writes them back (atomically: temporary file,
+then rename) followed by the new rows, dropping the old rows from the first new step on:
+those were logged after the checkpoint the run resumed from, and the resumed run logs them
+again. A fresh run into the same folder starts at step 0, so it replaces the old rows, as
+before.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class HistoryKeepingWriter(ExperimentWriter):
+    """Lightning's ``ExperimentWriter`` that keeps the rows already in ``metrics.csv``."""
+
+    def _check_log_dir_exists(self) -> None:
+        # Instead of deleting the file: remember its rows (written back at the first save).
+        self._previous_rows: list[dict[str, Any]] | None = None
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self._previous_rows = list(csv.DictReader(handle))
+
+    def save(self) -> None:
+        if self._previous_rows is None or not self.metrics:
+            super().save()
+            return
+        first_new_step = min(float(row["step"]) for row in self.metrics)
+        kept = [
+            row
+            for row in self._previous_rows
+            if row.get("step") not in (None, "") and float(row["step"]) < first_new_step
+        ]
+        rows = kept + self.metrics
+        self.metrics_keys = sorted(set().union(*rows))
+        temporary = self.metrics_file_path + ".tmp"
+        with self._fs.open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, self.metrics_file_path)
+        self._previous_rows = None
+        self.metrics = []
+
+
+class RunCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` keeps the rows of the run before a resume."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is not None:
+            return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = HistoryKeepingWriter(log_dir=self.log_dir)
+        return self._experiment
