@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from protogmm.prototypes.gmm import PLAIN_ANNEALED_EM
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
@@ -31,25 +33,12 @@ from _common import (  # noqa: E402
     reuse_or_train,
 )
 
-#: The plain annealed online EM of the first round (its defaults then, as OnlineGMM's options
-#: today; the idle-step re-seeding that was the default just before issue 16 no longer exists).
-BEFORE_ISSUE_16: dict[str, Any] = {
-    "anneal": "joint",
-    "merge_overlap": None,
-    "reseed_min_share": None,
-    "init_samples": 0,
-    "init_restarts": 1,
-    "init_variance": "global",
-    "kmeans_iters": 5,
-    "var_floor": 1e-4,
-    "mixing_eta": 0.98,
-}
 KINDS: dict[str, dict[str, Any]] = {
     "joint": {"prototypes": "joint"},
     "decoupled": {"prototypes": "decoupled"},
     "decoupled, plain annealed EM (before issue 16)": {
         "prototypes": "decoupled",
-        "gmm": BEFORE_ISSUE_16,
+        "gmm": PLAIN_ANNEALED_EM,
     },
 }
 

@@ -34,6 +34,7 @@ from scipy.optimize import linear_sum_assignment
 
 from protogmm.diagnostics import unique_prototypes
 from protogmm.prototypes import OnlineGMM
+from protogmm.prototypes.gmm import PLAIN_ANNEALED_EM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,16 +56,7 @@ ROWS: dict[str, dict[str, Any]] = {
     },
     "fixed variance floor 1e-4": {"var_floor": 1e-4},
     "per-step mixing discount eta (mixing_eta = 0.98)": {"mixing_eta": 0.98},
-    "before issue 16: plain annealed online EM": {
-        "anneal": "joint",
-        "merge_overlap": None,
-        "reseed_min_share": None,
-        "init_restarts": 1,
-        "init_variance": "global",
-        "kmeans_iters": 5,
-        "var_floor": 1e-4,
-        "mixing_eta": 0.98,
-    },
+    "before issue 16: plain annealed online EM": PLAIN_ANNEALED_EM,
 }
 
 

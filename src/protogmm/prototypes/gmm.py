@@ -101,6 +101,23 @@ def bhattacharyya_coefficient(
     return torch.exp(-distance)
 
 
+#: The first round's mixture as options of today's :class:`OnlineGMM`: plain online EM with
+#: the whole posterior annealed, the initial variance of all embeddings, one k-means run of 5
+#: iterations on the first batch, a fixed floor and a per-step mixing discount, no split and
+#: merge (the ablation baseline of ``benchmarks/mixture_recovery.py`` and ``data_sets.py``).
+PLAIN_ANNEALED_EM: dict[str, Any] = {
+    "anneal": "joint",
+    "init_variance": "global",
+    "init_samples": 0,
+    "init_restarts": 1,
+    "kmeans_iters": 5,
+    "var_floor": 1e-4,
+    "mixing_eta": 0.98,
+    "merge_overlap": None,
+    "reseed_min_share": None,
+}
+
+
 class OnlineGMM(PrototypeSet):
     """Online Gaussian mixture whose normalised means are the (decoupled) prototypes.
 
