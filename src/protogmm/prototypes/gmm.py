@@ -654,7 +654,7 @@ class OnlineGMM(PrototypeSet):
         stay on its partner.
         """
         device = h.device
-        busy = torch.zeros(self.num_prototypes, dtype=torch.bool, device=device)
+        busy: set[int] = set()  # components already in a move this step (host-side: no syncs)
         merge_pairs: list[tuple[int, int]] = []
         if self.merge_overlap is not None and self.num_prototypes > 1:
             pairs = top_indices.sort(dim=1).values.unique(dim=0)
@@ -667,19 +667,19 @@ class OnlineGMM(PrototypeSet):
             order = torch.argsort(overlap, descending=True)
             for index in order[overlap[order] > self.merge_overlap].tolist():
                 a, b = pairs[index].tolist()
-                if busy[a] or busy[b]:
+                if a in busy or b in busy:
                     continue
                 if self.stat_count[b] > self.stat_count[a]:
                     a, b = b, a  # the heavier one survives
                 merge_pairs.append((a, b))
-                busy[a] = busy[b] = True
+                busy.update((a, b))
         stranded: list[int] = []
         if self.reseed_min_share is not None:
             share = self.component_shares * self.num_prototypes
-            candidates = ((share < self.reseed_min_share) & ~busy).nonzero().flatten()
+            candidates = (share < self.reseed_min_share).nonzero().flatten()
             candidates = candidates[torch.argsort(share[candidates], stable=True)]
-            stranded = candidates.tolist()
-            busy[candidates] = True
+            stranded = [k for k in candidates.tolist() if k not in busy]
+            busy.update(stranded)
         free_count = len(merge_pairs) + len(stranded)
         no_moves = (
             torch.zeros(0, 2, dtype=torch.long, device=device),
@@ -688,14 +688,14 @@ class OnlineGMM(PrototypeSet):
         )
         if free_count == 0:
             return no_moves
-        fit, parent = top_values[:, 0], top_indices[:, 0]
+        parents = top_indices[:, 0].tolist()
         split_rows: list[int] = []
         split_parents: list[int] = []
-        for row in torch.argsort(fit).tolist():
-            p = int(parent[row])
-            if busy[p]:
+        for row in torch.argsort(top_values[:, 0]).tolist():  # worst explained first
+            p = parents[row]
+            if p in busy:
                 continue
-            busy[p] = True  # one split per component and step
+            busy.add(p)  # one split per component and step
             split_rows.append(row)
             split_parents.append(p)
             if len(split_rows) == free_count:
