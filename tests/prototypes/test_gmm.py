@@ -1022,3 +1022,22 @@ def test_centred_forward_scores_centred_embeddings() -> None:
     torch.testing.assert_close(gmm(z), centred @ gmm.prototypes().T)
     with pytest.raises(ValueError, match="center_momentum"):
         OnlineGMM(4, 6, center_momentum=1.0)
+
+
+def test_an_initialised_mixture_loads_under_another_init_samples() -> None:
+    """The init buffer is spent once initialised: a checkpoint of the former default
+    (``init_samples=0``, an empty buffer) loads into today's mixture, with the same state;
+    one still collecting does not (its buffer is state)."""
+    g = torch.Generator().manual_seed(5)
+    old = OnlineGMM(8, 4, init_samples=0)
+    old.update(torch.randn(16, 4, generator=g))
+    new = OnlineGMM(8, 4)  # init_samples=None: a [8, 4] buffer
+    new.load_state_dict(old.state_dict())
+    for name in ("mean", "var", "stat_count", "mix_count", "initialized", "num_steps"):
+        assert torch.equal(getattr(new, name), getattr(old, name)), name
+    h = torch.randn(6, 4, generator=g)
+    torch.testing.assert_close(new.update(h), old.update(h))
+    collecting = OnlineGMM(8, 4, init_samples=20)
+    collecting.update(torch.randn(5, 4, generator=g))
+    with pytest.raises(RuntimeError, match="init_buffer"):
+        OnlineGMM(8, 4).load_state_dict(collecting.state_dict())

@@ -298,6 +298,18 @@ class OnlineGMM(PrototypeSet):
         if prefix + "num_merged" not in state_dict and prefix + "num_steps" in state_dict:
             state_dict[prefix + "num_merged"] = torch.zeros((), dtype=torch.long)
         state_dict.pop(prefix + "idle_steps", None)
+        # Once initialised, the init buffer is spent: a mixture saved under another
+        # init_samples (the former default was 0, an empty buffer) loads into this one.
+        saved_buffer = state_dict.get(prefix + "init_buffer")
+        initialized = state_dict.get(prefix + "initialized")
+        if (
+            saved_buffer is not None
+            and initialized is not None
+            and bool(initialized)
+            and saved_buffer.shape != self.init_buffer.shape
+        ):
+            state_dict[prefix + "init_buffer"] = torch.zeros_like(self.init_buffer)
+            state_dict[prefix + "init_filled"] = torch.tensor(self._init_rows)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ------------------------------------------------------------------ read-only state
