@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,39 @@ def break_file(path: Path, kind: str) -> None:
 
 
 BROKEN_KINDS = ("zero", "text", "truncated", "corrupt")
+
+
+def png_bytes(
+    width: int, height: int, bit_depth: int, color_type: int, rows: Iterable[bytes]
+) -> bytes:
+    """A PNG file written by hand, for what Pillow cannot save (16-bit RGB, huge sizes).
+
+    ``rows`` are the raw scanlines (big-endian samples, no filter byte); they are
+    compressed as they come, so a huge image of zeros never sits in memory.
+    ``color_type``: 0 grayscale, 2 RGB, 3 palette (a two-colour palette is written).
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(b"\x00" + row) for row in rows) + compressor.flush()
+    palette = chunk(b"PLTE", bytes([0, 0, 0, 255, 255, 255])) if color_type == 3 else b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + palette
+        + chunk(b"IDAT", data)
+        + chunk(b"IEND", b"")
+    )
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A 1-bit PNG of zeros: a few KB on disk that declares ``width * height`` pixels."""
+    row = bytes((width + 7) // 8)
+    return png_bytes(width, height, 1, 0, (row for _ in range(height)))
 
 
 def write_cifar(

@@ -40,6 +40,7 @@ from protogmm.data.datasets import (
 )
 from protogmm.data.folder import (
     IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
     ClassFolderImages,
     check_same_classes,
     class_folder_names,
@@ -53,6 +54,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "MNIST_MEAN",
     "MNIST_STD",
     "BadImage",

@@ -15,6 +15,11 @@ Every real image collection holds a few broken files (zero bytes, an HTML page s
 
 Labels always come from the dataset's ``(path, label)`` index, never from a position in a
 list of decoded images, so a skipped file cannot shift any other file's label.
+
+File names are bytes on Linux and need not be UTF-8 (Python holds the bytes it cannot
+decode as lone surrogates, which no text file or terminal accepts); every message and
+report shows them through :func:`display_path`, while ``path`` attributes keep the name
+that opens the file.
 """
 
 from __future__ import annotations
@@ -34,11 +39,26 @@ __all__ = [
     "BadImage",
     "BadImageError",
     "SkipBadImages",
+    "display_path",
     "drop_bad_images",
     "scan_images",
 ]
 
 logger = logging.getLogger("protogmm.data")
+
+
+def display_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """``path`` as text that prints and encodes as UTF-8 anywhere (logs, JSON, Markdown).
+
+    A name whose bytes are not UTF-8 (``b"\\xff\\xfe.png"``, which Python holds as
+    ``"\\udcff\\udcfe.png"``) shows its bytes as ``\\xff`` escapes; any other name is
+    returned unchanged.
+    """
+    try:
+        raw = os.fsencode(path)  # the name's bytes on disk: surrogate escapes undone
+    except UnicodeEncodeError:  # a lone surrogate that no file name could hold
+        return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 class BadImageError(ValueError):
@@ -103,7 +123,8 @@ def drop_bad_images(dataset: Any, bad: Sequence[BadImage]) -> np.ndarray:
         if not keep[labels == c].any():
             first = next(b for b in bad if labels[b.index] == c)
             raise ValueError(
-                f"every image of class {dataset.classes[c]!r} is unreadable (e.g. {first.path})"
+                f"every image of class {dataset.classes[c]!r} is unreadable "
+                f"(e.g. {display_path(first.path)})"
             )
     return np.flatnonzero(keep)
 
@@ -165,7 +186,10 @@ class SkipBadImages(Dataset):
                 logger.warning("skipping %s (data.on_bad_image=skip)", error)
                 continue
             return image, label
-        where = f" (e.g. {first_error.path})" if first_error is not None else ""
+        where = ""
+        if first_error is not None:
+            shown = first_error if first_error.path is None else display_path(first_error.path)
+            where = f" (e.g. {shown})"
         raise ValueError(f"every image of class {self.classes[label]!r} is unreadable{where}")
 
     def skipped_indices(self) -> np.ndarray:

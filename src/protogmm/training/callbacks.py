@@ -27,6 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from protogmm.data.bad_images import display_path
 from protogmm.diagnostics import (
     DEFAULT_EPS,
     angle_flatness,
@@ -367,7 +368,10 @@ class RunReport(L.Callback):
             summary["skipped_images"] = {
                 "count": sum(len(paths) for paths in skipped.values()),
                 "by_split": {split: len(paths) for split, paths in skipped.items()},
-                "files": {split: paths[:MAX_LISTED_FILES] for split, paths in skipped.items()},
+                "files": {
+                    split: [display_path(path) for path in paths[:MAX_LISTED_FILES]]
+                    for split, paths in skipped.items()
+                },
             }
             data_log.warning(
                 "%d unreadable image file(s) were skipped (data.on_bad_image=skip); listed in %s",
@@ -408,10 +412,18 @@ def skipped_images(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: never half a file."""
+    """Write to a temporary file in the same folder, then rename: never half a file.
+
+    UTF-8, with any lone surrogate (a file name that is not UTF-8) written as a ``\\udcff``
+    escape rather than failing; the temporary file is removed if anything fails.
+    """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8", errors="backslashreplace")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def render_report(
