@@ -65,6 +65,7 @@ from protogmm.training.datamodule import SSLDataModule, datamodule_from_checkpoi
 from protogmm.training.distributed import check_launch
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteError, check_resume_compatible
+from protogmm.training.run_folder import claim_run_folder, resolve_checkpoint
 from protogmm.training.runner import build_trainer, run_callbacks, with_atomic_checkpoints
 
 DATASETS = ("mnist5k", "synthetic")
@@ -83,6 +84,13 @@ class ProtoCLI(LightningCLI):
             type=Optional[str],  # noqa: UP045 (jsonargparse needs a typing object)
             default=None,
             help="checkpoint to resume from (e.g. RUN/checkpoints/last.ckpt)",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="replace the run the folder holds (its files are removed first); without it "
+            "a fit into a folder holding another run is refused",
         )
         parser.add_argument(
             "--checkpoint_every_n_steps",
@@ -194,8 +202,9 @@ def run_fit(args: list[str]) -> int:
         raise ConfigError(_one_line(captured.getvalue())) from None
     except MisconfigurationException as error:  # e.g. more GPUs asked for than present
         raise ConfigError(" ".join(str(error).split())) from None
-    ckpt_path = cli.config.ckpt_path
-    if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry"):
+    run_dir = Path(cli.trainer.default_root_dir)
+    ckpt_path = resolve_checkpoint(cli.config.ckpt_path, run_dir)
+    if ckpt_path is not None and ckpt_path not in ("hpc", "registry"):
         # Before any process starts or any step runs: a checkpoint of another configuration
         # or process layout is a one-line error; other differences are one warning line.
         notes = check_resume_compatible(
@@ -207,6 +216,9 @@ def run_fit(args: list[str]) -> int:
                 + "; ".join(notes),
                 file=sys.stderr,
             )
+    lock = None
+    if rank_zero_only.rank == 0:  # the other ranks write into the folder rank 0 claimed
+        lock = claim_run_folder(run_dir, ckpt_path, overwrite=cli.config.overwrite)
     # Lightning's own launcher (--trainer.devices N without torchrun) starts the other ranks
     # by re-running this command line; main() shortened sys.argv, so give it back whole.
     sys.argv = [sys.argv[0], "fit", *args]
@@ -216,13 +228,19 @@ def run_fit(args: list[str]) -> int:
         rank = f" (rank {cli.trainer.global_rank})" if cli.trainer.world_size > 1 else ""
         print(f"protogmm fit{rank}: stopped: {error}", file=sys.stderr)
         return 3
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 
 def demo_settings(quick: bool) -> dict[str, Any]:
     """The demo's budget on 2 CPU cores: ~4 minutes per run, or ~40 s with ``--quick``."""
     if quick:
-        return {"max_epochs": 2, "data": {"max_train_samples": 1024, "num_local_crops": 2}}
+        # A smoke test of the whole path (both runs, monitors, report, plot): 16 steps of
+        # 64 images each, not a result.
+        data = {"max_train_samples": 512, "batch_size": 64, "num_local_crops": 2}
+        return {"max_epochs": 2, "data": data}
     return {"max_epochs": 5, "data": {"num_local_crops": 2}}
 
 
@@ -253,6 +271,9 @@ def run_demo(argv: list[str]) -> int:
         "--host", choices=tuple(HOST_PRESETS), default="dino", help="host objective (default dino)"
     )
     parser.add_argument("--out", default="runs/demo", help="output directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a demo the output directory holds"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the epoch budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-prototypes", type=int, default=1024)
@@ -262,32 +283,48 @@ def run_demo(argv: list[str]) -> int:
     out = Path(args.out)
     summaries: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, float]]] = {}
-    for kind in ("joint", "decoupled"):
-        print(f"\n=== {args.host}, {kind} prototypes: {epochs} epochs on MNIST-5k ===", flush=True)
-        L.seed_everything(args.seed, verbose=False)
-        data = SSLDataModule(dataset="mnist5k", seed=args.seed, **settings["data"])
-        model = PrototypicalSSL(
-            **HOST_PRESETS[args.host],
-            prototypes=kind,
-            num_prototypes=args.num_prototypes,
-            in_channels=data.in_channels,
-            image_size=data.image_size,
-        )
-        trainer = build_trainer(
-            out / kind, max_epochs=epochs, accelerator="auto", devices=1, enable_model_summary=False
-        )
-        start = time.perf_counter()
-        trainer.fit(model, datamodule=data)
-        summaries[kind] = json.loads((out / kind / "summary.json").read_text())
-        summaries[kind]["wall_seconds"] = time.perf_counter() - start
-        collapse = next(c for c in trainer.callbacks if hasattr(c, "eps_values"))
-        histories[kind] = collapse.history
+    # Both folders claimed before the first run: a demo already there is refused (or, with
+    # --overwrite, removed) now, not after the joint run has trained.
+    locks = []
+    try:
+        for kind in ("joint", "decoupled"):
+            locks.append(claim_run_folder(out / kind, None, overwrite=args.overwrite))
+        for kind in ("joint", "decoupled"):
+            summaries[kind], histories[kind] = _demo_run(args, settings, epochs, out / kind, kind)
+    finally:
+        for lock in locks:
+            lock.release()
     plot = plot_collapse_over_training(histories, TRAINING_EPS, out / "collapse_over_training.png")
     table = demo_table(summaries)
     write_text_atomically(out / "demo.md", table + f"\n![collapse]({plot.name})\n")
     print("\n" + table)
     print(f"plot: {plot}\nruns: {out / 'joint'}, {out / 'decoupled'}")
     return 0
+
+
+def _demo_run(
+    args: argparse.Namespace, settings: dict[str, Any], epochs: int, run_dir: Path, kind: str
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """One of the demo's two runs: its summary (with the wall time) and collapse history."""
+    print(f"\n=== {args.host}, {kind} prototypes: {epochs} epochs on MNIST-5k ===", flush=True)
+    L.seed_everything(args.seed, verbose=False)
+    data = SSLDataModule(dataset="mnist5k", seed=args.seed, **settings["data"])
+    model = PrototypicalSSL(
+        **HOST_PRESETS[args.host],
+        prototypes=kind,
+        num_prototypes=args.num_prototypes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+    )
+    trainer = build_trainer(
+        run_dir, max_epochs=epochs, accelerator="auto", devices=1, enable_model_summary=False
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["wall_seconds"] = time.perf_counter() - start
+    collapse = next(c for c in trainer.callbacks if hasattr(c, "eps_values"))
+    return summary, collapse.history
 
 
 def demo_table(summaries: dict[str, dict[str, Any]]) -> str:
@@ -585,13 +622,21 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = sys.argv[:1]  # the sub-command parsers get argv explicitly
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         # Bad configuration values (the bricks' one-line ValueErrors name the key and value),
-        # before any training starts. PROTOGMM_DEBUG=1 shows the traceback.
+        # before any training starts; a file-system error (disk full, permission denied,
+        # read-only) names its file. PROTOGMM_DEBUG=1 shows the traceback.
         if os.environ.get("PROTOGMM_DEBUG"):
             raise
-        print(f"protogmm {argv[0]}: error: {error}", file=sys.stderr)
+        print(f"protogmm {argv[0]}: error: {_error_line(error)}", file=sys.stderr)
         return 2
+
+
+def _error_line(error: Exception) -> str:
+    """One line for an error: an OSError's file and reason, or the (one-line) message."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{os.fsdecode(error.filename)}: {error.strerror or type(error).__name__}"
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

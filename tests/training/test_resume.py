@@ -73,6 +73,7 @@ def fit(
     all_callbacks: bool,
     ckpt_path: Path | None = None,
     crash_at_step: int | None = None,
+    checkpoint_every_n_steps: int = 3,
 ) -> tuple[PrototypicalSSL, L.Trainer]:
     L.seed_everything(0, verbose=False)
     model = PrototypicalSSL(**(TINY_MODEL | model_kwargs))
@@ -87,7 +88,11 @@ def fit(
     }
     if all_callbacks:
         trainer = build_trainer(
-            run_dir, dense_every_n_steps=2, checkpoint_every_n_steps=3, callbacks=crash, **settings
+            run_dir,
+            dense_every_n_steps=2,
+            checkpoint_every_n_steps=checkpoint_every_n_steps,
+            callbacks=crash,
+            **settings,
         )
     else:
         trainer = L.Trainer(
@@ -172,6 +177,55 @@ def test_mid_epoch_resume_equals_the_uninterrupted_run(
             torch.testing.assert_close(
                 resumed_optimizer[index][key], value, atol=1e-6, rtol=0, msg=f"{index}.{key}"
             )
+    assert resumed_trainer.global_step == full_trainer.global_step == 8
+
+
+def logged_steps(run_dir: Path) -> list[tuple[int, int, float]]:
+    """(step, epoch, loss) of every training row of ``metrics.csv``."""
+    with open(run_dir / "metrics.csv") as handle:
+        return [
+            (int(row["step"]), int(row["epoch"]), float(row["train/loss"]))
+            for row in csv.DictReader(handle)
+            if row.get("train/loss")
+        ]
+
+
+@pytest.mark.parametrize("model_kwargs", [DECOUPLED, JOINT], ids=["decoupled", "joint"])
+def test_end_of_epoch_resume_equals_the_uninterrupted_run(
+    tmp_path: Path, model_kwargs: dict
+) -> None:
+    """The default cadence (last.ckpt at epoch ends): killed in epoch 1, resumed from the
+    end of epoch 0 into the same folder. The resumed epoch must draw epoch 1's permutation
+    (not a second one), log its steps under epoch 1, and end where the full run ends."""
+    full_model, full_trainer = fit(
+        tmp_path / "full", model_kwargs, True, checkpoint_every_n_steps=0
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "run", model_kwargs, True, crash_at_step=6, checkpoint_every_n_steps=0)
+    checkpoint_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 4)  # end of epoch 0
+    position = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert position == {"epoch": 0, "batches": 4, "batches_per_epoch": 4}
+
+    resumed_model, resumed_trainer = fit(
+        tmp_path / "run", model_kwargs, True, checkpoint_path, checkpoint_every_n_steps=0
+    )
+
+    full_rows, resumed_rows = logged_steps(tmp_path / "full"), logged_steps(tmp_path / "run")
+    assert [row[:2] for row in resumed_rows] == [row[:2] for row in full_rows]  # step, epoch
+    assert [row[:2] for row in full_rows] == [(s, s // 4) for s in range(8)]
+    for (step, _, full_loss), (_, _, resumed_loss) in zip(full_rows, resumed_rows, strict=True):
+        assert resumed_loss == pytest.approx(full_loss, abs=1e-6, rel=0), step
+    full_state, resumed_state = full_model.state_dict(), resumed_model.state_dict()
+    for name, value in full_state.items():
+        torch.testing.assert_close(resumed_state[name], value, atol=1e-6, rtol=0, msg=name)
+    saved = torch.load(checkpoint_path, weights_only=True)
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] == {
+        "epoch": 1,
+        "batches": 4,
+        "batches_per_epoch": 4,
+    }
     assert resumed_trainer.global_step == full_trainer.global_step == 8
 
 

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protogmm.integrity import check_checkpoint_integrity
+
 __all__ = ["describe_prototypes", "load_prototypes"]
 
 # Nested mappings whose names are dropped from a layer's name: they hold "the model".
@@ -182,7 +184,10 @@ def describe_prototypes(found: Mapping[str, Tensor]) -> str:
 
 
 def _load_tensors_only(path: Path) -> object:
-    """``torch.load`` with ``weights_only=True``, turning a refusal into a one-line error."""
+    """``torch.load`` with ``weights_only=True``, turning a refusal into a one-line error.
+
+    The archive's CRC-32s are checked first (:mod:`protogmm.integrity`): torch does not."""
+    check_checkpoint_integrity(path)
     try:
         # argparse.Namespace: DINO's full checkpoints hold their arguments in one (see above).
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ def load_module(path: str | Path, *, trained: bool = True) -> PrototypicalSSL:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a protogmm training checkpoint.
+        ValueError: the file is not a protogmm training checkpoint, is corrupt, or its
+            weights do not match its hyperparameters (one line naming the file).
     """
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(
@@ -36,8 +38,27 @@ def load_module(path: str | Path, *, trained: bool = True) -> PrototypicalSSL:
         )
     accepted = set(inspect.signature(PrototypicalSSL.__init__).parameters) - {"self"}
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    # A dry run on the meta device (no memory): hyperparameters that disagree with the saved
+    # weights (e.g. a K of 10**12, or a state dict without the mixture's tensors) are one
+    # line naming the file, before anything of that size is allocated.
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op"
+        _load_state(PrototypicalSSL(**hparams), checkpoint["state_dict"], path)
     torch.manual_seed(0)
     module = PrototypicalSSL(**hparams)
     if trained:
-        module.load_state_dict(checkpoint["state_dict"])
+        _load_state(module, checkpoint["state_dict"], path)
     return module.eval()
+
+
+def _load_state(module: PrototypicalSSL, state_dict: dict, path: str | Path) -> None:
+    """``load_state_dict(strict=True)``, its multi-line error folded into one line."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, ValueError) as error:
+        problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        first = problems[0] if problems else " ".join(str(error).split())
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(
+            f"{path}: its weights do not match its own hyperparameters: {first[:300]}{more}"
+        ) from None

@@ -35,13 +35,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from protogmm._checks import check_choice, check_positive_int
+from protogmm.integrity import check_checkpoint_integrity
 from protogmm.training.distributed import CHECKPOINT_KEY, SYNCHRONISED_MODULES
 
 NonFiniteAction = Literal["stop", "skip"]
 
 
 # ---------------------------------------------------------------------- atomic checkpoints
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this PID exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -90,6 +92,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, target)
+        except OSError as error:  # e.g. a full disk: named by the checkpoint, not the temporary
+            temporary.unlink(missing_ok=True)
+            if error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(target)) from None
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
@@ -104,7 +111,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.tmp$")
         for candidate in target.parent.glob(f".{target.name}.*.tmp"):
             match = pattern.match(candidate.name)
-            if match and not _process_alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 candidate.unlink(missing_ok=True)
 
     def load_checkpoint(
@@ -128,10 +135,13 @@ def read_checkpoint(
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a weights-only checkpoint (corrupt, truncated or foreign).
+        ValueError: not a weights-only checkpoint (corrupt, truncated or foreign), or its
+            bytes fail the archive's own CRC-32 checks (:mod:`protogmm.integrity`).
     """
-    if "://" not in str(path) and not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if "://" not in str(path):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        check_checkpoint_integrity(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 (any unpickling failure: one line naming the file)
