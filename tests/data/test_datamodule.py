@@ -14,6 +14,7 @@ import torch
 from imagefiles import break_file, write_cifar, write_tree
 
 from protogmm.data import BadImageError, SkipBadImages
+from protogmm.training import datamodule
 from protogmm.training.datamodule import SSLDataModule, datamodule_from_checkpoint
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.runner import build_trainer
@@ -299,3 +300,41 @@ def test_a_batch_larger_than_the_data_is_a_one_line_error_not_a_run_of_no_steps(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "data.batch_size: 128" in result.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_knn_loaders_decode_once_when_they_fit_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    write_tree(tmp_path / "train", {"cat": 5, "dog": 3}, size=12)
+    write_tree(tmp_path / "val", {"cat": 2, "dog": 2}, size=12)
+    data = folder_data(tmp_path)
+    data.setup("fit")
+    monkeypatch.setattr(datamodule, "KNN_CACHE_BYTES", 0)
+    streamed = [list(loader) for loader in data.knn_dataloaders()]  # the reference
+    one_byte_short = 12 * 4 * 3 * 16 * 16 - 1  # 12 RGB images of 16 px, float32
+    monkeypatch.setattr(datamodule, "KNN_CACHE_BYTES", one_byte_short + int(cached))
+    decodes = []
+    original = datamodule.SSLDataModule._decoded
+    monkeypatch.setattr(
+        datamodule.SSLDataModule,
+        "_decoded",
+        lambda self, split: decodes.append(len(split)) or original(self, split),
+    )
+    for _ in range(3):  # the monitor's baselines and two epochs
+        for loader, reference in zip(data.knn_dataloaders(), streamed, strict=True):
+            batches = list(loader)
+            assert len(batches) == len(reference) == 1
+            torch.testing.assert_close(batches[0][0], reference[0][0], atol=0, rtol=0)
+            assert batches[0][1].tolist() == reference[0][1].tolist()
+    assert decodes == ([8, 4] if cached else [])  # each split decoded once, or streamed
+
+
+def test_the_pixel_limit_reaches_the_folder_data_set(tmp_path: Path) -> None:
+    write_tree(tmp_path / "train", {"cat": 2, "dog": 2}, size=12)
+    write_tree(tmp_path / "val", {"cat": 1, "dog": 1}, size=12)
+    with pytest.raises(ValueError, match="4 unreadable image file.* over the limit of 100"):
+        folder_data(tmp_path, max_image_pixels=100, scan_images=True)  # 12 x 12 > 100
+    folder_data(tmp_path, max_image_pixels=144, scan_images=True).setup("fit")
+    with pytest.raises(ValueError, match="data.max_image_pixels"):
+        folder_data(tmp_path, max_image_pixels=0)
