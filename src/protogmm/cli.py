@@ -53,6 +53,7 @@ from protogmm.diagnostics.plots import plot_collapse_over_training
 from protogmm.evaluation import knn_accuracy, linear_probe
 from protogmm.evaluation.features import extract_features
 from protogmm.evaluation.longtail import longtail_markdown
+from protogmm.reports import markdown_table
 from protogmm.training.callbacks import (
     TRAINING_EPS,
     pixels_long_tail,
@@ -348,13 +349,6 @@ def demo_table(summaries: dict[str, dict[str, Any]]) -> str:
     rows.append(["raw pixels", pct(first.get("knn/pixels")), *blanks])
     header = ["prototypes", "k-NN top-1"] + [f"unique % ε={e}" for e in eps_values]
     return markdown_table(header + ["s/epoch", "peak MB"], rows)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table (what the commands print and write)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def run_diagnose(argv: list[str]) -> int:
