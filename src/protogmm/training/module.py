@@ -41,7 +41,7 @@ from protogmm.data.masking import BlockMasking, check_ratio_range
 from protogmm.models import ProjectionHead, build_backbone, make_teacher, update_ema_
 from protogmm.objectives import CARPLoss, DINOLoss, IBOTPatchLoss
 from protogmm.objectives.balancing import sinkhorn_knopp
-from protogmm.prototypes import LearnedPrototypes, OnlineGMM, PrototypeSet
+from protogmm.prototypes import LearnedPrototypes, MixtureOptions, OnlineGMM, PrototypeSet
 from protogmm.prototypes.koleo import koleo_proto_loss
 from protogmm.schedules import cosine_ramp, linear_ramp, warmup_cosine
 from protogmm.training.distributed import capture_rng_state, restore_rng_state
@@ -97,8 +97,10 @@ class PrototypicalSSL(L.LightningModule):
             them are near-duplicates; with it 0.21).
         targets: teacher targets for decoupled prototypes: ``"host"`` (DINO centring and
             sharpening of the scores) or ``"posterior"`` (the GMM posterior, no centring).
-        gmm: keyword arguments of :class:`protogmm.prototypes.OnlineGMM` (``anneal_steps``
-            is set from ``gmm_anneal_fraction`` unless given).
+        gmm: the options of :class:`protogmm.prototypes.OnlineGMM`
+            (:class:`~protogmm.prototypes.MixtureOptions`, or a mapping of those that differ
+            from the defaults); ``anneal_steps`` is set from ``gmm_anneal_fraction`` unless
+            given.
         gmm_anneal_fraction: fraction of the training steps over which beta anneals to 1.
         posterior_temperature: ``targets="posterior"`` only: the teacher targets are
             ``softmax(log gamma / T)`` (T > 1 softens the nearly one-hot GMM posterior).
@@ -192,7 +194,7 @@ class PrototypicalSSL(L.LightningModule):
         head_layers: int = 3,
         head_bn: bool = True,
         targets: Targets = "host",
-        gmm: dict[str, Any] | None = None,
+        gmm: MixtureOptions = MixtureOptions(),  # noqa: B008 (frozen: never mutated)
         gmm_anneal_fraction: float = 0.1,
         posterior_temperature: float = 1.0,
         target_balancing: Balancing = "none",
@@ -269,6 +271,11 @@ class PrototypicalSSL(L.LightningModule):
         check_choice("model.target_balancing", target_balancing, ("none", "sinkhorn"))
         if targets == "posterior" and target_balancing == "none" and prototypes == "decoupled":
             warnings.warn(POSTERIOR_WITHOUT_BALANCING, UserWarning, stacklevel=2)
+        mixture_options = MixtureOptions.coerce(gmm)
+        # Saved as the options that differ from the defaults, in plain values (None: all
+        # defaults), as checkpoints have always held them: weights-only loading, and the
+        # resume check compares them with older checkpoints'.
+        gmm = mixture_options.overrides() or None
         self._check_host_arguments(locals())
         self.save_hyperparameters()
 
@@ -314,8 +321,8 @@ class PrototypicalSSL(L.LightningModule):
             self.gmm = None
         else:
             # Decoupled (paper Fig. 2b): one mixture shared by teacher and student, buffers only.
-            gmm_kwargs = dict(gmm or {})
-            self._anneal_from_fraction = "anneal_steps" not in gmm_kwargs
+            gmm_kwargs = mixture_options.gmm_kwargs()
+            self._anneal_from_fraction = mixture_options.anneal_steps is None
             try:
                 self.gmm = OnlineGMM(num_prototypes, bottleneck_dim, **gmm_kwargs)
             except (TypeError, ValueError) as error:
