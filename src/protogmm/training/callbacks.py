@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from protogmm._checks import check_in_range, check_positive_int
 from protogmm.data.bad_images import display_path
 from protogmm.diagnostics import (
     DEFAULT_EPS,
@@ -48,6 +50,7 @@ TRAINING_EPS = (0.025, 0.1, 0.25, 0.5)
 LONGTAIL_LINEAR_EPOCHS = 100
 
 data_log = logging.getLogger("protogmm.data")
+log = logging.getLogger("protogmm")
 
 
 def eps_key(eps: float) -> str:
@@ -129,8 +132,11 @@ class KNNMonitor(L.Callback):
     and raw pixels (``knn/pixels``).
     """
 
-    def __init__(self, every_n_epochs: int = 1) -> None:
+    def __init__(self, every_n_epochs: int = 1, baseline_memory_mb: float = 2048.0) -> None:
+        check_positive_int("knn_every_n_epochs", every_n_epochs)
+        check_in_range("baseline_memory_mb", baseline_memory_mb, 0.0, math.inf)
         self.every_n_epochs = every_n_epochs
+        self.baseline_memory_mb = baseline_memory_mb
         self.baselines: dict[str, float] = {}
         self.longtail_baselines: dict[str, dict[str, Any]] = {}
         self.history: list[dict[str, float]] = []
@@ -151,28 +157,53 @@ class KNNMonitor(L.Callback):
             }
         return trainer.strategy.broadcast(accuracy, src=0)
 
+    def _fits_budget(self, trainer: L.Trainer, name: str, width: int) -> bool:
+        """Whether the bank's ``width``-wide float32 features fit ``baseline_memory_mb``;
+        if not, one log line says the baseline ``name`` is skipped and why."""
+        datamodule = trainer.datamodule
+        rows = sum(map(len, datamodule.knn_splits())) if hasattr(datamodule, "knn_splits") else 0
+        needed_mb = rows * width * 4 / 2**20
+        if needed_mb <= self.baseline_memory_mb:
+            return True
+        if trainer.is_global_zero:
+            log.warning(
+                "protogmm: k-NN baseline '%s' skipped: %d images x %d features take %.0f MB, "
+                "over the %.0f MB budget (lower data.knn_train_samples / knn_test_samples)",
+                name,
+                rows,
+                width,
+                needed_mb,
+                self.baseline_memory_mb,
+            )
+        return False
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.baselines or trainer.global_step > 0:
             return
-        untrained = self._accuracy(trainer, pl_module.teacher["backbone"])
-        pixels = self._accuracy(trainer, None)
+        encoder = pl_module.teacher["backbone"]
+        datamodule = trainer.datamodule
+        pixels = getattr(datamodule, "in_channels", 0) * getattr(datamodule, "image_size", 0) ** 2
+        measured: dict[str, Any] = {}
+        if self._fits_budget(trainer, "untrained", getattr(encoder, "feature_dim", 0)):
+            measured["untrained"] = self._accuracy(trainer, encoder)
+        if self._fits_budget(trainer, "pixels", pixels):
+            measured["pixels"] = self._accuracy(trainer, None)
         self.baselines = {
-            "knn/untrained": untrained["k20"],
-            "knn/untrained_k200": untrained["k200"],
-            "knn/pixels": pixels["k20"],
-            "knn/pixels_k200": pixels["k200"],
+            f"knn/{name}{suffix}": accuracy[key]
+            for name, accuracy in measured.items()
+            for suffix, key in (("", "k20"), ("_k200", "k200"))
         }
         for logger in trainer.loggers:
             logger.log_metrics(self.baselines, step=0)
-        if trainer.is_global_zero and long_tailed_data(trainer.datamodule):
+        if trainer.is_global_zero and long_tailed_data(datamodule):
             # Per-group baselines for the run report (rank 0 writes it), measured before
             # the first step like the overall ones.
-            self.longtail_baselines = {
-                "untrained encoder": teacher_long_tail(
-                    pl_module, trainer.datamodule, with_prototypes=False
-                ),
-                "raw pixels": pixels_long_tail(trainer.datamodule),
-            }
+            if "untrained" in measured:
+                self.longtail_baselines["untrained encoder"] = teacher_long_tail(
+                    pl_module, datamodule, with_prototypes=False
+                )
+            if "pixels" in measured:
+                self.longtail_baselines["raw pixels"] = pixels_long_tail(datamodule)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -209,12 +240,19 @@ class KNNMonitor(L.Callback):
         self.longtail_baselines = dict(state_dict.get("longtail_baselines", {}))
 
 
+#: The collapse monitor's dense period is ``dense_every_n_steps`` up to this K and grows
+#: with K beyond it, so that its share of a step stays bounded.
+DENSE_REFERENCE_K = 4096
+
+
 class CollapseMonitor(L.Callback):
     """Unique prototypes (Definition 2.1) over an ε sweep, densely early and every epoch.
 
     Collapse of joint prototypes happens early (paper §4.3), so during the first
-    ``dense_epochs`` epochs the sweep is measured every ``dense_every_n_steps`` steps, and
-    at every epoch end afterwards. Logged as ``unique_pct/eps=...`` (percent of K).
+    ``dense_epochs`` epochs the sweep is measured every ``dense_every_n_steps`` steps
+    (times ``ceil(K / 4096)``: at K = 65,536 every 160 steps), and at every epoch end
+    afterwards. Rank 0 measures (its logger is the one that writes); the other ranks skip
+    it. Logged as ``unique_pct/eps=...`` (percent of K).
     """
 
     def __init__(
@@ -229,7 +267,7 @@ class CollapseMonitor(L.Callback):
         self.history: list[dict[str, float]] = []
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not pl_module.prototypes_fitted():
+        if not trainer.is_global_zero or not pl_module.prototypes_fitted():
             return  # a mixture not yet fitted holds random placeholder means
         prototypes = pl_module.prototype_vectors().cpu()
         counts = unique_prototype_curve(prototypes, self.eps_values)
@@ -254,10 +292,9 @@ class CollapseMonitor(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        if (
-            trainer.current_epoch < self.dense_epochs
-            and trainer.global_step % self.dense_every_n_steps == 0
-        ):
+        k = int(getattr(pl_module, "hparams", {}).get("num_prototypes", DENSE_REFERENCE_K))
+        every = self.dense_every_n_steps * max(1, math.ceil(k / DENSE_REFERENCE_K))
+        if trainer.current_epoch < self.dense_epochs and trainer.global_step % every == 0:
             self._measure(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

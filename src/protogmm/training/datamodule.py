@@ -120,6 +120,11 @@ class SSLDataModule(L.LightningDataModule):
             image before anything is decoded (decompression bombs); ``null``: no limit.
         longtail_thresholds: ``(many, few)``: classes with more than ``many`` training
             images are the head, fewer than ``few`` the tail (the run report's groups).
+        knn_train_samples: the k-NN bank (monitor, ``eval``, long-tail report): at most this
+            many training images, a seeded random subset (0: all). It bounds the monitor's
+            memory and time whatever the data set's size (DINO's full ImageNet bank is
+            1.28 M features, and its raw-pixel baseline 770 GB at 224 px).
+        knn_test_samples: at most this many held-out images are classified (0: all).
         longtail_thresholds_relative: the thresholds are fractions of the largest class's
             count (for small data, see :mod:`protogmm.evaluation.longtail`).
     """
@@ -152,6 +157,8 @@ class SSLDataModule(L.LightningDataModule):
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         longtail_thresholds: tuple[float, float] = (100.0, 20.0),
         longtail_thresholds_relative: bool = False,
+        knn_train_samples: int = 20000,
+        knn_test_samples: int = 5000,
     ) -> None:
         super().__init__()
         check_choice("data.dataset", dataset, DATASETS)
@@ -159,6 +166,8 @@ class SSLDataModule(L.LightningDataModule):
         check_positive_int("data.num_workers", num_workers, minimum=0)
         check_positive_int("data.num_local_crops", num_local_crops, minimum=0)
         check_positive_int("data.max_train_samples", max_train_samples, minimum=0)
+        check_positive_int("data.knn_train_samples", knn_train_samples, minimum=0)
+        check_positive_int("data.knn_test_samples", knn_test_samples, minimum=0)
         check_in_range("data.synthetic_imbalance_ratio", synthetic_imbalance_ratio, 1.0, 1e6)
         check_positive_int("data.synthetic_classes", synthetic_classes)
         # The held-out split draws half as many images, and each split needs every class once.
@@ -402,21 +411,36 @@ class SSLDataModule(L.LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
         )
 
+    def knn_splits(self) -> tuple[Dataset, Dataset]:
+        """The k-NN bank and queries: labelled (train, held-out) splits, untransformed, each
+        at most ``knn_train_samples`` / ``knn_test_samples`` images (a seeded subset)."""
+        bounded = []
+        for split, limit in (
+            ("train", self.hparams.knn_train_samples),
+            ("test", self.hparams.knn_test_samples),
+        ):
+            data = self.labelled_split(split)
+            if limit and len(data) > limit:
+                order = hash_order(len(data), self.hparams.seed + 1)[:limit]
+                data = LabelledSubset(data, np.sort(order).tolist())
+            bounded.append(data)
+        return bounded[0], bounded[1]
+
+    def knn_image_bytes(self) -> int:
+        """Bytes of the k-NN bank and queries as float32 images (the raw-pixel features)."""
+        return sum(map(len, self.knn_splits())) * 4 * self.in_channels * self.image_size**2
+
     def knn_dataloaders(self) -> tuple[DataLoader, DataLoader]:
-        """Eval-transformed (train, held-out) loaders for the k-NN monitor.
+        """Eval-transformed (train, held-out) loaders of :meth:`knn_splits`.
 
         The eval transform is deterministic, so when both splits fit
         :data:`KNN_CACHE_BYTES` as float32 they are decoded and transformed once and kept
         in memory: the monitor reads them three times before the first step (untrained
         encoder, pixels) and once per epoch (on MNIST-5k this was 40 % of the quick demo).
-        Larger data sets are streamed from disk at every evaluation, as before.
+        Larger banks are streamed from disk at every evaluation.
         """
-        splits = [
-            self._with_transform(self.labelled_split(split), self._eval_transform)
-            for split in ("train", "test")
-        ]
-        image_bytes = 4 * self.in_channels * self.image_size**2
-        if self._knn_cache is None and sum(map(len, splits)) * image_bytes <= KNN_CACHE_BYTES:
+        splits = [self._with_transform(data, self._eval_transform) for data in self.knn_splits()]
+        if self._knn_cache is None and self.knn_image_bytes() <= KNN_CACHE_BYTES:
             self._knn_cache = [TensorDataset(*self._decoded(split)) for split in splits]
         if self._knn_cache is not None:
             splits = self._knn_cache

@@ -10,6 +10,7 @@ DDP bookkeeping (:class:`~protogmm.training.distributed.DistributedRun`).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +34,26 @@ def run_callbacks(
     dense_every_n_steps: int = 10,
     checkpoint_every_n_steps: int = 0,
     on_nonfinite: NonFiniteAction = "stop",
+    knn_every_n_epochs: int = 1,
+    baseline_memory_mb: float = 2048.0,
 ) -> list[L.Callback]:
     """Monitors, report, guard and checkpoints of every run (in ``run/checkpoints``).
 
     Args:
-        dense_every_n_steps: the collapse monitor's period during its dense first epoch(s).
+        dense_every_n_steps: the collapse monitor's period during its dense first epoch(s)
+            (times ``ceil(K / 4096)``).
         checkpoint_every_n_steps: also write ``last.ckpt`` every this many steps (0: at
             epoch ends only). Mid-epoch checkpoints resume exactly (the data position is
             saved), so a crash costs at most this many steps.
         on_nonfinite: ``"stop"`` or ``"skip"`` (see :class:`NonFiniteGuard`).
+        knn_every_n_epochs: the k-NN monitor's period in epochs.
+        baseline_memory_mb: the untrained-encoder and raw-pixel k-NN baselines run only if
+            their features over the k-NN bank fit this (else one log line says why not).
     """
     check_positive_int("checkpoint_every_n_steps", checkpoint_every_n_steps, minimum=0)
     callbacks: list[L.Callback] = [
         RunReport(),  # first: its epoch timer stops before the monitors' evaluation work
-        KNNMonitor(),
+        KNNMonitor(knn_every_n_epochs, baseline_memory_mb),
         CollapseMonitor(dense_every_n_steps=dense_every_n_steps),
         NonFiniteGuard(on_nonfinite),
         DistributedRun(),
@@ -95,13 +102,15 @@ def run_logger(run_dir: str | Path) -> RunCSVLogger:
 def build_trainer(run_dir: str | Path, **trainer_kwargs: Any) -> L.Trainer:
     """A Trainer writing into ``run_dir`` with the standard callbacks, logger and atomic IO.
 
-    ``dense_every_n_steps``, ``checkpoint_every_n_steps`` and ``on_nonfinite`` go to
-    :func:`run_callbacks`; every other keyword goes to :class:`lightning.Trainer`.
+    The keywords of :func:`run_callbacks` go to it; every other keyword goes to
+    :class:`lightning.Trainer`.
     """
     callbacks = run_callbacks(
-        trainer_kwargs.pop("dense_every_n_steps", 10),
-        trainer_kwargs.pop("checkpoint_every_n_steps", 0),
-        trainer_kwargs.pop("on_nonfinite", "stop"),
+        **{
+            name: trainer_kwargs.pop(name)
+            for name in inspect.signature(run_callbacks).parameters
+            if name in trainer_kwargs
+        }
     )
     trainer_kwargs.setdefault("log_every_n_steps", 1)
     trainer_kwargs.setdefault("num_sanity_val_steps", 0)

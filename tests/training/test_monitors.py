@@ -1,0 +1,94 @@
+"""The monitors' cost is bounded: a k-NN bank of fixed size, baselines within a memory
+budget (else one log line), the collapse monitor on rank 0 at a period growing with K."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+
+from protogmm.training.callbacks import CollapseMonitor, KNNMonitor
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.runner import build_trainer
+
+TINY = {"backbone_kwargs": {"width": 8}, "num_prototypes": 32, "hidden_dim": 32}
+
+
+def synthetic(**kwargs: object) -> SSLDataModule:
+    args = {
+        "dataset": "synthetic",
+        "batch_size": 16,
+        "num_local_crops": 0,
+        "synthetic_samples": 96,
+        "synthetic_image_size": 16,
+    }
+    return SSLDataModule(**(args | kwargs))
+
+
+def test_the_knn_bank_is_a_bounded_seeded_subset() -> None:
+    full, bounded = synthetic(), synthetic(knn_train_samples=40, knn_test_samples=10)
+    full_train, full_test = full.knn_splits()
+    train, test = bounded.knn_splits()
+    assert (len(full_train), len(full_test)) == (96, 48)
+    assert (len(train), len(test)) == (40, 10)
+    assert set(train.indices.tolist()) <= set(range(96))
+    assert (
+        train.indices.tolist() == synthetic(knn_train_samples=40).knn_splits()[0].indices.tolist()
+    )
+    assert len(next(iter(bounded.knn_dataloaders()[0]))[0]) == 40
+    assert bounded.knn_image_bytes() == 50 * 4 * 1 * 16 * 16
+
+
+def test_a_baseline_over_the_memory_budget_is_skipped_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 144 images: pixels 144 x 256 floats = 0.14 MB; the ConvNet's features 144 x 32.
+    L.seed_everything(0, verbose=False)
+    model = PrototypicalSSL(in_channels=1, image_size=16, **TINY)
+    trainer = build_trainer(
+        tmp_path / "run",
+        baseline_memory_mb=0.1,
+        max_epochs=1,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with caplog.at_level(logging.WARNING, logger="protogmm"):
+        trainer.fit(model, datamodule=synthetic())
+    monitor = next(c for c in trainer.callbacks if isinstance(c, KNNMonitor))
+    assert "knn/untrained" in monitor.baselines and "knn/pixels" not in monitor.baselines
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1 and "'pixels' skipped: 144 images x 256 features" in lines[0]
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert "knn/pixels" not in summary and "knn/untrained" in summary
+
+
+def test_the_knn_monitor_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="knn_every_n_epochs"):
+        KNNMonitor(every_n_epochs=0)
+    with pytest.raises(ValueError, match="baseline_memory_mb"):
+        KNNMonitor(baseline_memory_mb=-1)
+
+
+@pytest.mark.parametrize(("k", "period"), [(1024, 10), (4096, 10), (4097, 20), (65536, 160)])
+def test_the_dense_period_grows_with_k(k: int, period: int) -> None:
+    monitor = CollapseMonitor(dense_every_n_steps=10)
+    measured: list[int] = []
+    monitor._measure = lambda trainer, module: measured.append(trainer.global_step)  # type: ignore[method-assign]
+    module = SimpleNamespace(hparams={"num_prototypes": k})
+    for step in range(1, 321):
+        trainer = SimpleNamespace(current_epoch=0, global_step=step, is_global_zero=True)
+        monitor.on_train_batch_end(trainer, module)  # type: ignore[arg-type]
+    assert measured == list(range(period, 321, period))
+
+
+def test_only_rank_zero_measures() -> None:
+    monitor = CollapseMonitor()
+    module = SimpleNamespace(prototypes_fitted=lambda: True)
+    trainer = SimpleNamespace(is_global_zero=False, global_step=0)
+    monitor._measure(trainer, module)  # type: ignore[arg-type]  # would fail past the rank test
+    assert monitor.history == []
