@@ -92,3 +92,10 @@ def test_only_rank_zero_measures() -> None:
     trainer = SimpleNamespace(is_global_zero=False, global_step=0)
     monitor._measure(trainer, module)  # type: ignore[arg-type]  # would fail past the rank test
     assert monitor.history == []
+
+
+def test_eval_batches_hold_a_bounded_number_of_input_values(tmp_path: Path) -> None:
+    assert synthetic().eval_batch_size() == 512  # 16 px grayscale
+    data = synthetic(synthetic_image_size=224)
+    data.in_channels = 3  # as a 224-px RGB folder
+    assert data.eval_batch_size() == (1 << 24) // (3 * 224 * 224) == 111

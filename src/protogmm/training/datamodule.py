@@ -73,6 +73,8 @@ _HELD_OUT_FOLDERS = ("val", "test")
 #: The k-NN monitor keeps both eval-transformed splits in memory up to this size (float32):
 #: MNIST-5k takes 16 MB, CIFAR-10 at 32 px 737 MB; ImageNet is streamed.
 KNN_CACHE_BYTES = 1 << 30
+#: An evaluation batch holds at most this many input values (16 M: 64 MB of float32).
+EVAL_BATCH_VALUES = 1 << 24
 
 logger = logging.getLogger("protogmm.data")
 
@@ -452,8 +454,19 @@ class SSLDataModule(L.LightningDataModule):
         # resumed run evaluates at other moments than the uninterrupted one).
         workers = 0 if isinstance(split, TensorDataset) else self.hparams.num_workers
         return DataLoader(
-            split, batch_size=512, num_workers=workers, shuffle=False, generator=torch.Generator()
+            split,
+            batch_size=self.eval_batch_size(),
+            num_workers=workers,
+            shuffle=False,
+            generator=torch.Generator(),
         )
+
+    def eval_batch_size(self) -> int:
+        """Images per evaluation batch: 512, or fewer so that a batch holds at most
+        :data:`EVAL_BATCH_VALUES` input values (at 224 px RGB: 111 images; 512 of them put a
+        ConvNet's activations at 7 GB on CPU)."""
+        values = self.in_channels * self.image_size**2
+        return max(1, min(512, EVAL_BATCH_VALUES // values))
 
     def _decoded(self, split: Dataset) -> tuple[Tensor, Tensor]:
         """Every (image, label) of ``split`` as two stacked tensors."""
