@@ -3,6 +3,7 @@ budget (else one log line), the collapse monitor on rank 0 at a period growing w
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -99,3 +100,34 @@ def test_eval_batches_hold_a_bounded_number_of_input_values(tmp_path: Path) -> N
     data = synthetic(synthetic_image_size=224)
     data.in_channels = 3  # as a 224-px RGB folder
     assert data.eval_batch_size() == (1 << 24) // (3 * 224 * 224) == 111
+
+
+def test_fit_takes_the_monitor_options_and_checks_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from protogmm.cli import main
+
+    tiny = [
+        "--data.dataset=synthetic",
+        "--data.synthetic_samples=64",
+        "--data.synthetic_image_size=16",
+        "--data.batch_size=16",
+        "--data.num_local_crops=0",
+        "--model.num_prototypes=32",
+        "--model.hidden_dim=32",
+        "--model.backbone_kwargs={width: 8}",
+        "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    run_dir = tmp_path / "run"
+    bad = ["fit", *tiny, f"--trainer.default_root_dir={run_dir}", "--knn_every_n_epochs=0"]
+    assert main(bad) == 2
+    assert "knn_every_n_epochs" in capsys.readouterr().err
+    good = ["fit", *tiny, f"--trainer.default_root_dir={run_dir}", "--knn_every_n_epochs=2"]
+    assert main([*good, "--baseline_memory_mb=0.01", "--dense_every_n_steps=3"]) == 0
+    with open(run_dir / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["step"] for row in rows if row.get("knn/top1")] == ["7"]  # epoch 1's end
+    assert "knn/pixels" not in rows[0] and "knn/untrained" not in rows[0]  # over 0.01 MB
+    best = [path.name for path in (run_dir / "checkpoints").glob("best-knn-*")]
+    assert len(best) == 1 and best[0].startswith("best-knn-epoch=1-")  # measured epochs only

@@ -167,8 +167,8 @@ class KNNMonitor(L.Callback):
             return True
         if trainer.is_global_zero:
             log.warning(
-                "protogmm: k-NN baseline '%s' skipped: %d images x %d features take %.0f MB, "
-                "over the %.0f MB budget (lower data.knn_train_samples / knn_test_samples)",
+                "protogmm: k-NN baseline '%s' skipped: %d images x %d features take %.3g MB, "
+                "over the %.3g MB budget (lower data.knn_train_samples / knn_test_samples)",
                 name,
                 rows,
                 width,

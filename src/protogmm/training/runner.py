@@ -61,6 +61,7 @@ def run_callbacks(
         ModelCheckpoint(
             monitor="knn/top1",
             mode="max",
+            every_n_epochs=knn_every_n_epochs,  # the epochs that measure it
             filename="best-knn-epoch={epoch}-top1={knn/top1:.4f}",
             auto_insert_metric_name=False,
         ),

@@ -1,0 +1,171 @@
+"""``protogmm diagnose``: unique prototypes over an ε sweep, usage, long tail, geometry plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from protogmm.cli.data_arguments import command_parser, parse_command
+from protogmm.diagnostics import (
+    DEFAULT_EPS,
+    UsageAccumulator,
+    angle_flatness,
+    describe_prototypes,
+    load_prototypes,
+    plot_prototype_geometry,
+    plot_unique_vs_eps,
+    prototype_angles,
+    unique_prototype_curve,
+)
+from protogmm.evaluation.longtail import longtail_markdown
+from protogmm.reports import markdown_table
+from protogmm.training.callbacks import pixels_long_tail, teacher_long_tail
+from protogmm.training.checkpoints import load_module
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
+
+
+def run_diagnose(argv: list[str]) -> int:
+    """``protogmm diagnose CKPT``: unique prototypes over an ε sweep, usage, geometry plots.
+
+    Reads protogmm's checkpoints and other projects' (DINO, iBOT, DINOv2 heads), weights
+    only. With data arguments (protogmm checkpoints only: ``--data NAME`` or any of ``fit``'s
+    ``--data.*``) it also measures prototype usage of the teacher's embeddings over the
+    held-out split and, when the training classes are long-tailed (at least two of the many
+    / medium / few groups), the per-group k-NN and linear accuracy and prototype diversity
+    beside the untrained encoder and raw pixels. ``--data checkpoint`` rebuilds the data the
+    checkpoint was trained on (``--data.*`` replace its stored values).
+    """
+    parser = command_parser("protogmm diagnose", run_diagnose.__doc__)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS))
+    parser.add_argument("--key", default=None, help="one prototype layer (default: all)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="plot folder (default: <checkpoint stem>-diagnose next to it)",
+    )
+    args, data = parse_command(parser, argv)
+    found = load_prototypes(args.checkpoint, key=args.key)
+    print(describe_prototypes(found))
+    # An imperfect set (a NaN or all-zero row) is measured on its usable rows, said so in
+    # its row of the table; one bad layer does not stop the report on the others.
+    usable = {name: _usable_rows(matrix) for name, matrix in found.items()}
+    found = {name: matrix[usable[name]] for name, matrix in found.items()}
+    curves = {
+        name: unique_prototype_curve(matrix, args.eps)
+        for name, matrix in found.items()
+        if matrix.shape[0] > 0
+    }
+    print(uniqueness_table(found, usable, curves, args.eps))
+    if data.requested:
+        datamodule = data.datamodule(args.checkpoint)
+        module = load_module(args.checkpoint)
+        print(usage_table(module, datamodule))
+        print(long_tail_text(module, load_module(args.checkpoint, trained=False), datamodule))
+    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-diagnose")
+    written = []
+    if curves:
+        sizes = {name: found[name].shape[0] for name in curves}
+        written.append(plot_unique_vs_eps(curves, sizes, out / "unique_vs_eps.png"))
+    # The angle density needs at least 3 prototypes (K = 1 or 2 has no geometry to plot).
+    plottable = {n: m for n, m in found.items() if m.shape[0] >= 3}
+    if plottable:
+        written.append(plot_prototype_geometry(plottable, out / "prototype_geometry.png"))
+    if written:
+        print("plots: " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def uniqueness_table(
+    found: dict[str, torch.Tensor],
+    usable: dict[str, torch.Tensor],
+    curves: dict[str, dict[float, int]],
+    eps_values: list[float],
+) -> str:
+    """One row per prototype set: K, unique prototypes at each ε, angle-density flatness.
+
+    Args:
+        found: each set's usable rows, ``[K, d]``.
+        usable: each set's mask of usable rows over all of its rows (to count the others).
+        curves: each non-empty set's unique prototypes at each ε.
+        eps_values: the ε columns.
+    """
+    header = ["prototypes", "K"] + [f"unique ε={eps:g}" for eps in eps_values] + ["angle TV"]
+    rows = []
+    for name, matrix in found.items():
+        k, left_out = matrix.shape[0], int((~usable[name]).sum())
+        size = f"{k} ({left_out} non-finite or zero rows left out)" if left_out else str(k)
+        if k == 0:
+            rows.append([name, size] + ["n/a"] * (len(eps_values) + 1))
+            continue
+        flatness = angle_flatness(prototype_angles(matrix)) if k >= 3 else float("nan")
+        rows.append(
+            [name, size]
+            + [f"{curves[name][e]} ({100 * curves[name][e] / k:.1f}%)" for e in eps_values]
+            + [f"{flatness:.2f}"]
+        )
+    return markdown_table(header, rows)
+
+
+def _usable_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """``[K]`` mask of the finite, non-zero rows (Definition 2.1 needs a direction)."""
+    return torch.isfinite(matrix).all(dim=1) & (matrix.abs().sum(dim=1) > 0)
+
+
+def long_tail_text(module: PrototypicalSSL, untrained: PrototypicalSSL, data: SSLDataModule) -> str:
+    """Per-group accuracy and prototype diversity, or why there is no per-group analysis.
+
+    Args:
+        module: the trained module.
+        untrained: the same architecture untrained (the encoder baseline).
+        data: the data measured on.
+    """
+    groups = data.frequency_groups()
+    if not data.is_long_tailed():
+        many, few = groups.many_threshold, groups.few_threshold
+        return (
+            f"long tail: every training class falls in one frequency group (many > {many:g}, "
+            f"few < {few:g}; data.longtail_thresholds): no per-group analysis"
+        )
+    results = {
+        "trained": teacher_long_tail(module, data),
+        "untrained encoder": teacher_long_tail(untrained, data, with_prototypes=False),
+        "raw pixels": pixels_long_tail(data),
+    }
+    return longtail_markdown(groups, results, num_prototypes=module.hparams.num_prototypes)
+
+
+def usage_table(module: PrototypicalSSL, data: SSLDataModule) -> str:
+    """Prototype usage of the teacher's embeddings on the data's held-out split.
+
+    Args:
+        module: the trained module.
+        data: the data measured on.
+    """
+    dataset = data.hparams.dataset
+    _, test_loader = data.knn_dataloaders()
+    accumulator = UsageAccumulator(module.hparams.num_prototypes)
+    tau = module.hparams.teacher_temperature
+    with torch.no_grad():
+        for images, _ in test_loader:
+            embeddings = module.embed(module.teacher, [images])
+            if module.gmm is not None:
+                probs = module.gmm.responsibilities(embeddings)
+            else:
+                probs = torch.softmax(module.teacher_prototypes(embeddings) / tau, dim=1)
+            accumulator.update(probs)
+    usage = accumulator.compute()
+    return markdown_table(
+        ["usage on " + dataset, "ever chosen", "effective number exp(H)", "mean sample H"],
+        [
+            [
+                "held-out split",
+                f"{usage['ever_chosen']:.0f} / {usage['num_prototypes']:.0f}",
+                f"{usage['effective_number']:.1f}",
+                f"{usage['mean_sample_entropy']:.2f}",
+            ]
+        ],
+    )

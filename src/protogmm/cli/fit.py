@@ -1,0 +1,244 @@
+"""``protogmm fit``: pretraining with LightningCLI (YAML configs, dotted overrides, resume).
+
+Also what the other commands share about errors: :class:`ConfigError` and :func:`_one_line`,
+which fold a parser's message onto the one line ``main`` prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.distributed import check_launch
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.reliability import NonFiniteError, check_resume_compatible
+from protogmm.training.run_folder import claim_run_folder, resolve_checkpoint
+from protogmm.training.runner import run_callbacks, with_atomic_checkpoints
+
+#: The shipped YAML configs; ``default.yaml`` is every fit's first config file.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ProtoCLI(LightningCLI):
+    """LightningCLI with the data's image geometry linked into the model and our run layout."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """The model's image geometry from the data module, and the fit-only options.
+
+        Args:
+            parser: LightningCLI's parser (jsonargparse).
+        """
+        parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
+        parser.add_argument(
+            "--ckpt_path",
+            type=Optional[str],  # noqa: UP045 (jsonargparse needs a typing object)
+            default=None,
+            help="checkpoint to resume from (e.g. RUN/checkpoints/last.ckpt)",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="replace the run the folder holds (its files are removed first); without it "
+            "a fit into a folder holding another run is refused",
+        )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=0,
+            help="also write last.ckpt every N steps (0: at epoch ends only); resumes exactly",
+        )
+        parser.add_argument(
+            "--on_nonfinite",
+            type=Literal["stop", "skip"],
+            default="stop",
+            help="a non-finite input batch or loss stops the run (default) or skips the step",
+        )
+        parser.add_argument(
+            "--knn_every_n_epochs",
+            type=int,
+            default=1,
+            help="the k-NN monitor's period in epochs (its bank: data.knn_train_samples)",
+        )
+        parser.add_argument(
+            "--baseline_memory_mb",
+            type=float,
+            default=2048.0,
+            help="the untrained-encoder and raw-pixel k-NN baselines run only if their "
+            "features over the k-NN bank fit this many MB (else one log line says so)",
+        )
+        parser.add_argument(
+            "--dense_every_n_steps",
+            type=int,
+            default=10,
+            help="the collapse monitor's period in its first epoch (times ceil(K / 4096))",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Check the launch layout and point the default logger at the run directory."""
+        trainer = self.config.trainer
+        # Under torchrun the process layout must match the launcher's (one line if not).
+        trainer.devices = check_launch(trainer.devices, trainer.num_nodes, trainer.accelerator)
+        if trainer.logger in (None, True):
+            # metrics.csv directly in the run directory (see training/runner.py)
+            run_dir = trainer.default_root_dir or "runs/default"
+            trainer.default_root_dir = run_dir
+            trainer.logger = {
+                "class_path": "protogmm.training.run_logger.RunCSVLogger",
+                "init_args": {"save_dir": run_dir, "name": "", "version": ""},
+            }
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer with the run's callbacks and atomic checkpoint writes.
+
+        Args:
+            **kwargs: LightningCLI's trainer arguments.
+        """
+        # The run's callbacks depend on fit options; checkpoints are written atomically.
+        self.trainer_defaults["callbacks"] = run_callbacks(
+            **{
+                name: self.config[name]
+                for name in inspect.signature(run_callbacks).parameters
+                if name in self.config
+            }
+        )
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        kwargs["plugins"] = with_atomic_checkpoints(plugins)
+        return super().instantiate_trainer(**kwargs)
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Silence a logger's INFO lines (e.g. "Seed set to 0") while the CLI builds the run."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class ConfigError(ValueError):
+    """A bad command line or configuration, reported as one line before training starts."""
+
+
+def _one_line(text: str) -> str:
+    """The parser's error message (after its usage text) folded onto one line."""
+    message = text[text.rfind("error:") + len("error:") :] if "error:" in text else text
+    return " ".join(message.split())[:500]
+
+
+def _check_config_files(args: list[str]) -> None:
+    """An empty ``--config`` file is one line naming it (jsonargparse says "Unexpected config:")."""
+    for index, arg in enumerate(args):
+        if arg == "--config" and index + 1 < len(args):
+            path = Path(args[index + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        else:
+            continue
+        if not path.is_file():
+            continue  # jsonargparse names a missing file itself
+        try:
+            content = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            continue  # the parser reports syntax errors with their position
+        if content is None:
+            raise ConfigError(f"--config {path}: the file is empty (no keys to set)")
+
+
+def _build_cli(args: list[str]) -> ProtoCLI | None:
+    """Parse and build model, data and trainer; None after ``--help`` / ``--print_config``.
+
+    Raises:
+        ConfigError: the parser's or Lightning's complaint, on one line.
+    """
+    captured = io.StringIO()
+    try:
+        # Parsing and building print argparse's usage on error; keep only its message.
+        seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
+        with contextlib.redirect_stderr(captured), _quiet(seed_logger):
+            return ProtoCLI(
+                PrototypicalSSL,
+                SSLDataModule,
+                args=args,
+                run=False,
+                trainer_defaults={
+                    "callbacks": [],  # set from the fit options in ProtoCLI.instantiate_trainer
+                    "default_root_dir": "runs/default",
+                    "log_every_n_steps": 1,
+                    "num_sanity_val_steps": 0,
+                },
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=0,
+                parser_kwargs={"default_config_files": [str(CONFIG_DIR / "default.yaml")]},
+            )
+    except SystemExit as exit_:
+        if exit_.code in (0, None):  # --help / --print_config
+            sys.stdout.write(captured.getvalue())
+            return None
+        raise ConfigError(_one_line(captured.getvalue())) from None
+    except MisconfigurationException as error:  # e.g. more GPUs asked for than present
+        raise ConfigError(" ".join(str(error).split())) from None
+
+
+def run_fit(args: list[str]) -> int:
+    """``protogmm fit``: parse and build with LightningCLI, then fit (resuming if asked).
+
+    Args:
+        args: the command line after ``fit``.
+
+    Returns:
+        0, or 3 when the non-finite guard stopped the run (its message on stderr).
+
+    Raises:
+        ConfigError: a bad command line or configuration (one line), before any step.
+    """
+    _check_config_files(args)
+    cli = _build_cli(args)
+    if cli is None:
+        return 0
+    run_dir = Path(cli.trainer.default_root_dir)
+    ckpt_path = resolve_checkpoint(cli.config.ckpt_path, run_dir)
+    if ckpt_path is not None and ckpt_path not in ("hpc", "registry"):
+        # Before any process starts or any step runs: a checkpoint of another configuration
+        # or process layout is a one-line error; other differences are one warning line.
+        notes = check_resume_compatible(
+            ckpt_path, cli.model.hparams, cli.datamodule.hparams, cli.trainer.world_size
+        )
+        if notes and rank_zero_only.rank == 0:
+            print(
+                "protogmm fit: resuming with changed settings, not an exact continuation: "
+                + "; ".join(notes),
+                file=sys.stderr,
+            )
+    lock = None
+    if rank_zero_only.rank == 0:  # the other ranks write into the folder rank 0 claimed
+        lock = claim_run_folder(run_dir, ckpt_path, overwrite=cli.config.overwrite)
+    # Lightning's own launcher (--trainer.devices N without torchrun) starts the other ranks
+    # by re-running this command line; main() shortened sys.argv, so give it back whole.
+    sys.argv = [sys.argv[0], "fit", *args]
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except NonFiniteError as error:
+        rank = f" (rank {cli.trainer.global_rank})" if cli.trainer.world_size > 1 else ""
+        print(f"protogmm fit{rank}: stopped: {error}", file=sys.stderr)
+        return 3
+    finally:
+        if lock is not None:
+            lock.release()
+    return 0

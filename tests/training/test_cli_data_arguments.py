@@ -1,0 +1,158 @@
+"""`protogmm eval` and `diagnose` take `fit`'s `--data.*` arguments (and the short forms)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+from PIL import Image
+
+from protogmm.cli import main
+from protogmm.cli.data_arguments import command_parser, expand_data_shorthands, parse_command
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
+from protogmm.training.runner import build_trainer
+
+#: The tiny run's data: 64 synthetic 16 px images (the data-module default is 512).
+SYNTHETIC = ["--data.dataset", "synthetic", "--data.synthetic_samples", "64"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last checkpoint of one tiny decoupled run on synthetic 16 px images."""
+    root = tmp_path_factory.mktemp("run")
+    L.seed_everything(0, verbose=False)
+    data = SSLDataModule(
+        dataset="synthetic",
+        batch_size=16,
+        num_local_crops=0,
+        synthetic_samples=64,
+        synthetic_image_size=16,
+    )
+    model = PrototypicalSSL(
+        prototypes="decoupled",
+        in_channels=1,
+        image_size=16,
+        backbone_kwargs={"width": 8},
+        num_prototypes=32,
+        hidden_dim=32,
+        bottleneck_dim=16,
+    )
+    trainer = build_trainer(
+        root, max_epochs=1, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, datamodule=data)
+    return root / "checkpoints" / "last.ckpt"
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_eval_knn_with_dotted_data_arguments(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["eval", "knn", str(checkpoint), *SYNTHETIC, "--data.synthetic_image_size", "16"]
+    assert main([*args, "--k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "k-NN (k=5, T=0.07) on synthetic" in out
+    for row in ("| trained |", "| untrained encoder |", "| raw pixels |"):
+        assert row in out
+
+
+def test_eval_on_a_class_folder(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The README's example: a folder of classes, resized and converted to the run's geometry.
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for index in range(10):
+            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / label / f"{index}.png")
+    args = ["eval", "knn", str(checkpoint), "--data.dataset", "folder"]
+    args += ["--data.root", str(tmp_path), "--data.image_size", "16", "--data.in_channels", "1"]
+    assert main([*args, "--k", "3"]) == 0
+    assert "on folder" in capsys.readouterr().out
+
+
+def test_eval_reads_a_data_config_file(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "data.yaml"
+    config.write_text("dataset: synthetic\nsynthetic_samples: 64\n")
+    assert main(["eval", "knn", str(checkpoint), "--data", str(config), "--k", "5"]) == 0
+    assert "on synthetic" in capsys.readouterr().out
+
+
+def test_diagnose_with_dotted_data_arguments_measures_usage(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["diagnose", str(checkpoint), "--eps", "0.025", "--out", str(tmp_path), *SYNTHETIC]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "usage on synthetic" in out and "ever chosen" in out
+
+
+def test_data_checkpoint_replaces_only_the_given_stored_arguments(checkpoint: Path) -> None:
+    parser = command_parser("protogmm eval", None)
+    parser.add_argument("checkpoint", type=Path)
+    args, data = parse_command(parser, [str(checkpoint), "--data", "checkpoint", "--data.seed=3"])
+    assert data.from_checkpoint and data.given == {"seed": 3} and data.requested
+    datamodule = data.datamodule(args.checkpoint)
+    # Stored: synthetic, 64 samples, batch 16; given: the seed.
+    assert datamodule.hparams.dataset == "synthetic" and datamodule.hparams.seed == 3
+    assert datamodule.hparams.synthetic_samples == 64 and datamodule.hparams.batch_size == 16
+
+
+def test_no_data_argument_asks_for_no_data() -> None:
+    parser = command_parser("protogmm diagnose", None)
+    parser.add_argument("checkpoint", type=Path)
+    args, data = parse_command(parser, ["x.ckpt"])
+    assert not data.requested and data.given == {} and args.data.dataset == "mnist5k"
+
+
+def test_short_forms_are_the_dotted_arguments() -> None:
+    argv = ["x.ckpt", "--data", "synthetic", "--data-root", "/d", "--data-arg", "seed=3"]
+    assert expand_data_shorthands(argv) == (
+        ["x.ckpt", "--data.dataset=synthetic", "--data.root=/d", "--data.seed=3"],
+        False,
+    )
+    assert expand_data_shorthands(["--data=checkpoint", "--data.root", "/d"]) == (
+        ["--data.root", "/d"],
+        True,
+    )
+    # A missing value is left to the parser, which names the option.
+    assert expand_data_shorthands(["--data", "--k", "3"]) == (["--data", "--k", "3"], False)
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [
+        (["--data.dataset", "imagenet"], "data.dataset"),  # the parser lists the datasets
+        (["--data", "imagenet"], "data.dataset"),
+        (["--data.synthetic_samplez", "64"], "--data.synthetic_samplez"),
+        (["--data.batch_size", "many"], "data.batch_size"),
+        ([*SYNTHETIC[:2], "--data.synthetic_samples", "4"], "data.synthetic_samples"),
+        (["--data.dataset", "folder", "--data.image_size", "16"], "data.root"),
+        (["--data-arg", "imbalance=3"], "--data-arg 'imbalance=3'"),
+    ],
+)
+def test_bad_data_arguments_are_one_line_errors(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], args: list[str], culprit: str
+) -> None:
+    for command in (["eval", "knn", str(checkpoint)], ["diagnose", str(checkpoint)]):
+        assert main([*command, *args]) == 2, command[0]
+        line = one_error_line(capsys)
+        assert line.startswith(f"protogmm {command[0]}: error:") and culprit in line, line
+
+
+def test_a_bad_command_line_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "knn"]) == 2
+    assert "checkpoint" in one_error_line(capsys)
+    assert main(["eval", "kmeans", "x.ckpt"]) == 2
+    assert "invalid choice" in one_error_line(capsys)
