@@ -3,6 +3,8 @@
 Each script owns one section of BENCHMARKS.md, delimited by HTML comments
 (``<!-- BEGIN name -->`` ... ``<!-- END name -->``), and replaces only that section, so the
 numbers in the file are always the output of the last run of the script that owns them.
+The scripts are modules of the ``benchmarks`` package, run from the repository root as
+``scripts/dev python -m benchmarks.<name>``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import platform
 import re
 import resource
@@ -26,7 +29,9 @@ import lightning as L
 import torch
 import yaml
 
-BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+#: The repository root: the folder that holds the ``benchmarks`` package and BENCHMARKS.md.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 
 
 def machine_line() -> str:
@@ -40,13 +45,34 @@ def machine_line() -> str:
 
 
 def command_line() -> str:
-    """The command that produced the numbers, as a user would type it."""
+    """The command that produced the numbers, as a user would type it.
+
+    A module run with ``-m`` (every benchmark) is shown as ``python -m <module>``; a file run
+    by path as that path, relative to the repository root where it lies under it.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return "scripts/dev python " + shlex.join(["-m", spec.name, *sys.argv[1:]])
     script = Path(sys.argv[0])
     try:
-        script = script.resolve().relative_to(BENCHMARKS_MD.parent)
+        script = script.resolve().relative_to(REPO_ROOT)
     except ValueError:
         pass
     return "scripts/dev python " + shlex.join([str(script), *sys.argv[1:]])
+
+
+def module_command(name: str, *arguments: str) -> str:
+    """The command that runs benchmark ``name`` (a module of this package) with ``arguments``."""
+    return "scripts/dev python " + shlex.join(["-m", f"benchmarks.{name}", *arguments])
+
+
+def package_environment() -> dict[str, str]:
+    """This process's environment with the repository root first on ``PYTHONPATH``, so that a
+    child started as ``python -m benchmarks.<name>`` imports the package from any working
+    directory (the tests run the scripts from a temporary one)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def add_labels_argument(
@@ -89,6 +115,17 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> st
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+#: Smoke runs (``--quick``) see a few hundred images: a mixture that initialises from K
+#: embeddings (OnlineGMM's default) would never be fitted within them, and nothing after it
+#: (unique prototypes, the report) would run, so they initialise from the first batch.
+QUICK_MIXTURE: dict[str, Any] = {"init_samples": 0}
+
+
+def quick_model(model: dict[str, Any]) -> dict[str, Any]:
+    """``model`` for a smoke run: its mixture (if decoupled) fitted from the first batch."""
+    return {**model, "gmm": {**QUICK_MIXTURE, **(model.get("gmm") or {})}}
 
 
 def train_run(

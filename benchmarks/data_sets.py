@@ -1,8 +1,8 @@
 """Decoupled prototypes across data sets: the mixture of today vs before issue 16, and joint.
 
-    scripts/dev python benchmarks/derived_datasets.py --out runs/data     # once
-    scripts/dev python benchmarks/data_sets.py --data-root runs/data      # the section
-    scripts/dev python benchmarks/data_sets.py --quick                    # smoke (~1 min)
+    scripts/dev python -m benchmarks.derived_datasets --out runs/data     # once
+    scripts/dev python -m benchmarks.data_sets --data-root runs/data      # the section
+    scripts/dev python -m benchmarks.data_sets --quick                    # smoke (~1 min)
 
 The demo's budget (DINO, ConvNet, 5 epochs at batch 128, K = 1024, 2 local crops) on the
 embedded MNIST-5k, on two data sets derived from it (``derived_datasets.py``: inverted and
@@ -16,15 +16,12 @@ minimum over training, at eps = 0.025 and 0.1.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from protogmm.prototypes.gmm import PLAIN_ANNEALED_EM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from ._common import (
     column,
     command_line,
     machine_line,

@@ -1,7 +1,7 @@
 """Decoupling at small scale: joint vs decoupled DINO on the embedded data, with ablations.
 
-    scripts/dev python benchmarks/decoupling.py                 # the BENCHMARKS.md section
-    scripts/dev python benchmarks/decoupling.py --quick         # smoke run (~1 minute)
+    scripts/dev python -m benchmarks.decoupling                 # the BENCHMARKS.md section
+    scripts/dev python -m benchmarks.decoupling --quick         # smoke run (~1 minute)
 
 Trains every configuration below with the same ConvNet, data, crops, budget and seeds (the
 ``protogmm fit`` module, data module and trainer), then writes the "Decoupling at small
@@ -17,23 +17,22 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protogmm.diagnostics.plots import plot_collapse_over_training
+from protogmm.reports import markdown_table
 
-from _common import (  # noqa: E402
+from ._common import (
     add_labels_argument,
     column,
     command_line,
     machine_line,
     mean_std,
+    quick_model,
     replace_section,
     reuse_or_train,
 )
-
-from protogmm.diagnostics.plots import plot_collapse_over_training  # noqa: E402
 
 EPS = (0.025, 0.1, 0.25, 0.5)
 
@@ -123,12 +122,6 @@ HEADER = [
 ]
 
 
-def table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
@@ -176,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             reuse=args.reuse,
             epochs=args.epochs,
             seed=seed,
-            model={"num_prototypes": args.num_prototypes, **overrides},
+            model=(quick_model if args.quick else dict)(
+                {"num_prototypes": args.num_prototypes, **overrides}
+            ),
             data=data,
             dense_every_n_steps=args.dense_every,
         )
@@ -208,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         ablations_done: bool,
     ) -> str:
         if ablation_rows:
-            ablation_text = table(ablation_rows)
+            ablation_text = markdown_table(HEADER, ablation_rows)
             if not ablations_done:
                 ablation_text += "\n\n(ablations still running when this was written)"
         elif ablations_done:
@@ -228,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(log K = {math.log(args.num_prototypes):.2f}): per-sample and "
                 "batch-mean entropy of the teacher targets at the last step; 'used' = distinct "
                 "argmax targets in the last batch.",
-                table(main_rows),
+                markdown_table(HEADER, main_rows),
                 f"Unique prototypes over training (seed {args.seeds[0]}): ![collapse]({args.plot})",
                 "### Levers on the joint baseline, ablations of the decoupled design",
                 ablation_text,

@@ -1,6 +1,6 @@
 """Data sets derived from the embedded MNIST-5k, written as class folders (issue 16, item 4).
 
-    scripts/dev python benchmarks/derived_datasets.py --out runs/data
+    scripts/dev python -m benchmarks.derived_datasets --out runs/data
 
 Writes ``<out>/mnist5k-inverted`` (255 - pixel: white digits become black strokes on white)
 and ``<out>/mnist5k-rotated`` (every digit turned 90 degrees), each as

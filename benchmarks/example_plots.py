@@ -9,7 +9,7 @@ Two synthetic prototype sets with K = 1024, d = 128:
 
 Usage::
 
-    scripts/dev python benchmarks/example_plots.py [--out docs]
+    scripts/dev python -m benchmarks.example_plots [--out docs]
 
 writes ``example-geometry.png`` and ``example-unique-vs-eps.png`` and prints the numbers the
 plots show (angle flatness and unique counts).

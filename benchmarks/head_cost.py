@@ -1,8 +1,8 @@
 """Head cost vs K: the joint DINO head against the decoupled online-GMM head, per step.
 
-    scripts/dev python benchmarks/head_cost.py                  # the BENCHMARKS.md section (CPU)
-    scripts/dev python benchmarks/head_cost.py --device cuda    # the same table on a GPU
-    scripts/dev python benchmarks/head_cost.py --quick          # smoke run (a minute or two)
+    scripts/dev python -m benchmarks.head_cost                  # the BENCHMARKS.md section (CPU)
+    scripts/dev python -m benchmarks.head_cost --device cuda    # the same table on a GPU
+    scripts/dev python -m benchmarks.head_cost --quick          # smoke run (a minute or two)
 
 For each K, with d = 256 and a batch of 256 images (2 global views: teacher embeddings
 ``[2B, d]``, student embeddings ``[(2 + L) B, d]`` that require grad), one training step of
@@ -37,26 +37,24 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protogmm.diagnostics import unique_prototypes
+from protogmm.models import make_teacher, update_ema_
+from protogmm.objectives import DINOLoss
+from protogmm.prototypes import LearnedPrototypes, OnlineGMM
+from protogmm.reports import markdown_table
 
-from _common import (  # noqa: E402
+from ._common import (
     PeakMemory,
     add_labels_argument,
     command_line,
     machine_line,
     replace_section,
 )
-
-from protogmm.diagnostics import unique_prototypes  # noqa: E402
-from protogmm.models import make_teacher, update_ema_  # noqa: E402
-from protogmm.objectives import DINOLoss  # noqa: E402
-from protogmm.prototypes import LearnedPrototypes, OnlineGMM  # noqa: E402
 
 HEADS = ("joint", "decoupled")
 #: Other settings of the decoupled head, timed beside it (``--variants``): label -> extra
@@ -420,12 +418,6 @@ def state_mib(setting: Setting, head: str) -> float:
 
 def mebibytes(value: float) -> str:
     return f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def cost_table(results: list[Result]) -> str:

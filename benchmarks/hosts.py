@@ -1,8 +1,8 @@
 """Hosts: joint vs decoupled (and joint + KoLeo-proto) prototypes for DINO, iBOT and CARP.
 
-    scripts/dev python benchmarks/hosts.py                     # the BENCHMARKS.md section
-    scripts/dev python benchmarks/hosts.py --quick             # smoke run (a few minutes)
-    scripts/dev python benchmarks/hosts.py --backbone vit      # every host on iBOT's ViT
+    scripts/dev python -m benchmarks.hosts                     # the BENCHMARKS.md section
+    scripts/dev python -m benchmarks.hosts --quick             # smoke run (a few minutes)
+    scripts/dev python -m benchmarks.hosts --backbone vit      # every host on iBOT's ViT
 
 For each host, trains joint, decoupled and joint + KoLeo-proto prototypes at equal budget
 (same data, crops, epochs, seeds and backbone; the ``protogmm fit`` module, data module and
@@ -18,26 +18,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protogmm.cli import HOST_PRESETS
+from protogmm.diagnostics import unique_prototype_curve
+from protogmm.reports import markdown_table
 
-from _common import (  # noqa: E402
+from ._common import (
     column,
     command_line,
     machine_line,
     mean_std,
+    quick_model,
     replace_section,
     reuse_or_train,
 )
-
-from protogmm.cli import HOST_PRESETS  # noqa: E402
-from protogmm.diagnostics import unique_prototype_curve  # noqa: E402
 
 EPS = (0.025, 0.1, 0.25, 0.5)
 HOSTS = ("dino", "ibot", "carp")
@@ -132,12 +131,6 @@ def slug(label: str) -> str:
     return "joint-koleo" if "KoLeo" in label else label
 
 
-def table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", nargs="+", choices=HOSTS, default=list(HOSTS))
@@ -177,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     reuse=args.reuse,
                     epochs=args.epochs,
                     seed=seed,
-                    model=base | overrides,
+                    model=(quick_model if args.quick else dict)(base | overrides),
                     data=data,
                 )
                 run["train_images"] = data["batch_size"] * run["steps"] / max(1, run["epochs"])
@@ -214,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             "### Joint vs decoupled vs joint + KoLeo-proto, per host (`benchmarks/hosts.py`)",
             f"Command: `{command_line()}`  \nMachine: {machine_line()}  \n{budget}",
-            table(rows),
+            markdown_table(HEADER, rows),
         ]
     )
     print(section)

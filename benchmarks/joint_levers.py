@@ -1,7 +1,7 @@
 """When do jointly learned prototypes collapse? The joint baseline's levers on a toy (issue 16).
 
-    scripts/dev python benchmarks/joint_levers.py               # the BENCHMARKS.md section
-    scripts/dev python benchmarks/joint_levers.py --quick       # smoke run (~1 minute)
+    scripts/dev python -m benchmarks.joint_levers               # the BENCHMARKS.md section
+    scripts/dev python -m benchmarks.joint_levers --quick       # smoke run (~1 minute)
 
 DINO with the project's own bricks (``DINOLoss``, ``LearnedPrototypes``, ``OnlineGMM``) on a
 toy in seconds per hundred steps: 50 Gaussian clusters in 64 dimensions, two noisy views of
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,9 +32,7 @@ from protogmm.objectives import DINOLoss
 from protogmm.prototypes import LearnedPrototypes, OnlineGMM
 from protogmm.schedules import cosine_ramp, warmup_cosine
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import command_line, machine_line, mean_std, replace_section  # noqa: E402
+from ._common import command_line, machine_line, mean_std, replace_section
 
 #: label -> levers (the PrototypicalSSL option names) and the prototype kind.
 ROWS: dict[str, dict[str, Any]] = {

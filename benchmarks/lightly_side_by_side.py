@@ -1,16 +1,13 @@
 """Side by side with lightly: lightly's DINO against protogmm's DINO, joint and decoupled.
 
-    scripts/dev python benchmarks/lightly_side_by_side.py           # the BENCHMARKS.md section
-    scripts/dev python benchmarks/lightly_side_by_side.py --quick   # smoke run (a few minutes)
+    scripts/dev python -m benchmarks.lightly_side_by_side           # the BENCHMARKS.md section
+    scripts/dev python -m benchmarks.lightly_side_by_side --quick   # smoke run (a few minutes)
 
-lightly is never a dependency of protogmm. The script installs ``lightly==1.6.0`` itself,
-with ``pip install --target`` into a folder outside the repository (default
-``~/.cache/protogmm/lightly-1.6.0``) and ``--no-deps``, so torch, torchvision and numpy
-always come from the running environment: ``lightly.loss``, ``lightly.models.modules``,
-``lightly.models.utils`` and ``lightly.utils.scheduler`` import with torch, torchvision,
-numpy and tqdm only (checked for 1.6.0; the rest of lightly's requirements serve its CLI
-and data modules, which this script does not use). Only the lightly runs see that folder,
-on their ``PYTHONPATH``. If the install fails the script says so in one line and exits 3.
+lightly is an optional dependency of protogmm, the ``benchmarks`` extra (``lightly==1.6.0``):
+``pip install 'protogmm[benchmarks]'``, or in a clone ``scripts/dev python -m pip install -e
+'.[benchmarks]'``. The runs use ``lightly.loss``, ``lightly.models.modules``,
+``lightly.models.utils`` and ``lightly.utils.scheduler`` only. Where lightly is missing, or
+is another version, the script says so in one line (with that install command) and exits 3.
 
 Every run trains the same ConvNet (``build_backbone("convnet", in_channels=1)``) on the
 embedded MNIST-5k with the same data module (``SSLDataModule``: 2 global + 2 local crops,
@@ -41,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import math
-import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,23 +51,27 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protogmm.reports import markdown_table
 
-from _common import (  # noqa: E402
+from ._common import (
     PeakMemory,
     column,
     command_line,
     machine_line,
     mean_std,
+    package_environment,
+    quick_model,
     replace_section,
     train_run,
 )
 
+#: The lightly the benchmark is written for: pyproject's ``benchmarks`` extra pins it.
 LIGHTLY_VERSION = "1.6.0"
-#: Exit status when lightly cannot be installed (the test skips on it when PyPI is
-#: unreachable).
+#: Ends the one line printed where lightly is missing or another version.
+INSTALL_HINT = "install it with: pip install 'protogmm[benchmarks]'"
+#: Exit status when lightly is missing or another version.
 LIGHTLY_UNAVAILABLE = 3
-#: What the lightly runs import; the install is checked by importing exactly these.
+#: What the lightly runs import; the installed lightly is checked by importing exactly these.
 LIGHTLY_MODULES = (
     "lightly.loss",
     "lightly.models.modules",
@@ -105,112 +104,33 @@ CIFAR10_RECIPE: dict[str, Any] = {
 
 
 class LightlyUnavailable(RuntimeError):
-    """lightly could not be installed or imported; the message is one line."""
+    """lightly is missing, another version, or does not import; the message is one line."""
 
 
-# ---------------------------------------------------------------------------- install
-def default_lightly_dir(version: str = LIGHTLY_VERSION) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "protogmm" / f"lightly-{version}"
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-def check_lightly_import(folder: Path, version: str) -> str | None:
-    """None if ``folder`` holds an importable lightly ``version``; else why not (one line).
-
-    Runs in a child with only ``folder`` added to the path, so this process never imports
-    lightly.
-    """
-    probe = "import lightly, " + ", ".join(LIGHTLY_MODULES) + "\nprint(lightly.__version__)"
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        env=environment_with(folder),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if result.returncode != 0:
-        return _last_line(result.stderr)
-    found = _last_line(result.stdout)
-    return None if found == version else f"found lightly {found}, expected {version}"
-
-
-def ensure_lightly(folder: Path, version: str = LIGHTLY_VERSION) -> Path:
-    """Install lightly ``version`` into ``folder`` (once) and check that it imports.
-
-    ``pip install --target`` into a temporary sibling, with ``--no-deps``: torch,
-    torchvision and numpy must stay the running environment's (never reinstalled, never
-    shadowed). The folder is renamed into place only once lightly imports from it, so an
-    interrupted install is never mistaken for a good one.
+def check_lightly() -> str:
+    """The installed lightly's version, once the modules the lightly runs use import.
 
     Raises:
-        LightlyUnavailable: pip failed (e.g. no network) or lightly does not import.
+        LightlyUnavailable: lightly is not installed, is not :data:`LIGHTLY_VERSION`, or one
+            of :data:`LIGHTLY_MODULES` fails to import; the message says how to install it.
     """
-    if (folder / "lightly" / "__init__.py").exists() and not check_lightly_import(folder, version):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        pip = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--target",
-                str(staging),
-                f"lightly=={version}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if pip.returncode != 0:
-            raise LightlyUnavailable(
-                f"could not install lightly=={version} into {folder}: pip: {_last_line(pip.stderr)}"
-            )
-        problem = check_lightly_import(staging, version)
-        if problem:
-            raise LightlyUnavailable(f"lightly=={version} installed but does not import: {problem}")
-        if folder.exists():  # a concurrent run finished first, or a broken earlier install
-            _remove_tree(folder)
-        staging.rename(folder)
-    except subprocess.TimeoutExpired as error:
+        version = importlib.metadata.version("lightly")
+    except importlib.metadata.PackageNotFoundError:
+        raise LightlyUnavailable(f"lightly is not installed; {INSTALL_HINT}") from None
+    if version != LIGHTLY_VERSION:
         raise LightlyUnavailable(
-            f"installing lightly=={version} timed out after {error.timeout:.0f} s"
-        ) from None
-    finally:
-        if staging.exists():
-            _remove_tree(staging)
-    return folder
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def environment_with(folder: Path | None) -> dict[str, str]:
-    """This process's environment, with ``folder`` first on ``PYTHONPATH`` if given."""
-    env = dict(os.environ)
-    if folder is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(folder), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
-def pypi_reachable(host: str = "pypi.org", timeout: float = 5.0) -> bool:
-    """Whether a TCP connection to the package index can be opened (for the test's skip)."""
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+            f"found lightly {version}, the benchmark is written for {LIGHTLY_VERSION}; "
+            + INSTALL_HINT
+        )
+    for module in LIGHTLY_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise LightlyUnavailable(
+                f"lightly {version} does not import ({module}: {error}); {INSTALL_HINT}"
+            ) from None
+    return version
 
 
 # ---------------------------------------------------------------------------- children
@@ -585,21 +505,21 @@ def child_main(spec: dict[str, Any], result_path: Path) -> int:
     return 0
 
 
-def run_child(spec: dict[str, Any], lightly_dir: Path | None) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter (lightly's folder on its path only for
-    lightly runs) and return its measurements."""
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in a fresh interpreter and return its measurements."""
     with tempfile.TemporaryDirectory() as scratch:
         result_path = Path(scratch) / "result.json"
         process = subprocess.run(
             [
                 sys.executable,
-                str(Path(__file__).resolve()),
+                "-m",
+                "benchmarks.lightly_side_by_side",
                 "--child",
                 json.dumps(spec),
                 "--result",
                 str(result_path),
             ],
-            env=environment_with(lightly_dir if spec["kind"] == "lightly" else None),
+            env=package_environment(),
             capture_output=True,
             text=True,
         )
@@ -652,12 +572,6 @@ def results_table(results: dict[str, list[dict[str, Any]]]) -> str:
         }
         rows.append(list(row.values()))
     return markdown_table(header, rows)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def profile_table(results: dict[str, list[dict[str, Any]]]) -> str:
@@ -778,7 +692,7 @@ def section(
         [
             "## Side by side with lightly (DINO, MNIST-5k)",
             f"Command: `{command_line()}`  \nMachine: {machine_line()}; lightly "
-            f"{args.lightly_version} (installed by the script outside the repository)",
+            f"{args.lightly_version} (the `benchmarks` extra)",
             f"Budget: {args.epochs} epochs, batch {data['batch_size']}, 2 global + "
             f"{data['num_local_crops']} local crops, ConvNet, same data module and seed; "
             f"seeds {args.seeds}, every run in a fresh process, runs alternating. images/s: "
@@ -811,10 +725,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/lightly"))
-    parser.add_argument("--lightly-version", default=LIGHTLY_VERSION)
-    parser.add_argument(
-        "--lightly-dir", type=Path, default=None, help="default ~/.cache/protogmm/lightly-VER"
-    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default)"
     )
@@ -844,9 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)  # so that machine_line() says what the runs use
-    lightly_dir = args.lightly_dir or default_lightly_dir(args.lightly_version)
     try:
-        ensure_lightly(lightly_dir, args.lightly_version)
+        args.lightly_version = check_lightly()
     except LightlyUnavailable as error:
         print(f"lightly_side_by_side: {error}", file=sys.stderr)
         return LIGHTLY_UNAVAILABLE
@@ -868,9 +777,11 @@ def main(argv: list[str] | None = None) -> int:
                 "profile_top": args.profile_top,
                 "run_dir": str(args.out / f"{label.replace(' ', '_')}-seed{seed}"),
             }
+            if args.quick and "overrides" in spec:
+                spec["overrides"] = quick_model(spec["overrides"])
             print(f"=== {label}, seed {seed}", flush=True)
             try:
-                results[label].append(run_child(spec, lightly_dir))
+                results[label].append(run_child(spec))
             except RuntimeError as error:
                 print(f"lightly_side_by_side: {error}", file=sys.stderr)
                 return 1

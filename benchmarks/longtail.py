@@ -1,8 +1,8 @@
 """Long tail: joint vs decoupled DINO on a long-tailed MNIST-5k, per head / medium / tail group.
 
-    scripts/dev python benchmarks/longtail.py                  # the BENCHMARKS.md section
-    scripts/dev python benchmarks/longtail.py --quick          # smoke run (a few minutes)
-    scripts/dev python benchmarks/longtail.py --rho 100 --seeds 0 1 2 --epochs 15 \\
+    scripts/dev python -m benchmarks.longtail                  # the BENCHMARKS.md section
+    scripts/dev python -m benchmarks.longtail --quick          # smoke run (a few minutes)
+    scripts/dev python -m benchmarks.longtail --rho 100 --seeds 0 1 2 --epochs 15 \\
         --model '{"num_prototypes": 4096}'
 
 The training split of the embedded MNIST-5k (400 digits per class) is subsampled to
@@ -30,28 +30,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protogmm.evaluation import GROUPS
+from protogmm.reports import markdown_table
 
-from _common import (  # noqa: E402
+from ._common import (
     command_line,
     machine_line,
     mean_std,
+    quick_model,
     replace_section,
     reuse_or_train,
 )
-
-from protogmm.evaluation import GROUPS  # noqa: E402
 
 EPS = ("0.025", "0.1", "0.25", "0.5")
 ROWS = ("many", "medium", "few", "all")
 KINDS = ("joint", "decoupled")
 BASELINES = ("untrained encoder", "raw pixels")
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def stat(values: list[float | None], scale: float = 1.0, digits: int = 1) -> str:
@@ -70,7 +64,7 @@ def accuracy_table(runs: dict[str, list[dict[str, Any]]], protocol: str) -> str:
         # Same architecture and seed for both kinds: the joint runs' baselines are shown.
         results = [r["longtail"]["results"][baseline] for r in runs["joint"]]
         rows.append([baseline] + [stat([x[protocol][g] for x in results], 100) for g in ROWS])
-    return table(["encoder", *ROWS], rows)
+    return markdown_table(["encoder", *ROWS], rows)
 
 
 def diversity_table(runs: dict[str, list[dict[str, Any]]], num_prototypes: int) -> str:
@@ -92,14 +86,14 @@ def diversity_table(runs: dict[str, list[dict[str, Any]]], num_prototypes: int) 
                 [kind, label]
                 + [stat([d[g][measure] for d in diversity], scale, digits) for g in ROWS]
             )
-    return table(["prototypes", "measure", *ROWS], rows)
+    return markdown_table(["prototypes", "measure", *ROWS], rows)
 
 
 def unique_table(runs: dict[str, list[dict[str, Any]]]) -> str:
     rows = [
         [kind] + [stat([r["unique_pct"][e] for r in runs[kind]]) for e in EPS] for kind in KINDS
     ]
-    return table(["prototypes", *[f"unique % ε={e}" for e in EPS]], rows)
+    return markdown_table(["prototypes", *[f"unique % ε={e}" for e in EPS]], rows)
 
 
 def groups_line(summary: dict[str, Any], counts: list[int]) -> str:
@@ -163,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 reuse=args.reuse,
                 epochs=args.epochs,
                 seed=seed,
-                model={"prototypes": kind, **args.model},
+                model=(quick_model if args.quick else dict)({"prototypes": kind, **args.model}),
                 data=data,
                 required_key="longtail",
             )

@@ -1,7 +1,7 @@
 """Does the online mixture find known structure without ever collapsing? (issue 16, item 1)
 
-    scripts/dev python benchmarks/mixture_recovery.py            # the BENCHMARKS.md section
-    scripts/dev python benchmarks/mixture_recovery.py --quick    # smoke run (~1 minute)
+    scripts/dev python -m benchmarks.mixture_recovery            # the BENCHMARKS.md section
+    scripts/dev python -m benchmarks.mixture_recovery --quick    # smoke run (~1 minute)
 
 Feeds :class:`~protogmm.prototypes.OnlineGMM` a clean stream from a known mixture on the
 unit sphere: K centres drawn uniformly on the sphere, each row a centre (uniform choice)
@@ -22,10 +22,8 @@ covariance in {diagonal, isotropic} x dimension.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +34,7 @@ from protogmm.diagnostics import unique_prototypes
 from protogmm.prototypes import OnlineGMM
 from protogmm.prototypes.gmm import PLAIN_ANNEALED_EM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import command_line, machine_line, replace_section  # noqa: E402
+from ._common import command_line, machine_line, replace_section
 
 #: Each row changes today's defaults by these OnlineGMM keywords.
 ROWS: dict[str, dict[str, Any]] = {

@@ -1,6 +1,6 @@
 """Time Definition 2.1's cover at scale: unique_prototypes / unique_prototype_curve, K x d.
 
-    scripts/dev python benchmarks/uniqueness_speed.py [--k 65536] [--dim 256] [--repeats 2]
+    scripts/dev python -m benchmarks.uniqueness_speed [--k 65536] [--dim 256] [--repeats 2]
 
 Prints one Markdown row per measurement (random unit vectors, where every prototype is
 unique: the cover's worst case, since no row is ever absorbed).

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,18 +20,3 @@ def one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def benchmark_script() -> Callable[[str], ModuleType]:
-    """Import a module of ``benchmarks/`` by name (a script folder, not a package)."""
-    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
-
-    def load(name: str) -> ModuleType:
-        sys.path.insert(0, folder)
-        try:
-            return importlib.import_module(name)
-        finally:
-            sys.path.remove(folder)
-
-    return load

@@ -1,22 +1,21 @@
-"""benchmarks/claims.py: its verdict rules on hand-made numbers, and the section end to end
-on fake run directories (no training)."""
+"""benchmarks.claims: its verdict rules on hand-made numbers, the claims as data, and the
+section end to end on fake run directories (no training)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks import _claim_rules as rules
+from benchmarks import _claim_runs, _common, claims
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-try:
-    import claims
-finally:
-    sys.path.pop(0)
 
 HOLDS, FAILS = "holds", "does not hold"
 
@@ -25,77 +24,77 @@ HOLDS, FAILS = "holds", "does not hold"
 
 
 def test_joint_collapse_needs_the_mean_below_the_threshold() -> None:
-    assert claims.JOINT_COLLAPSE_MAX_UNIQUE == 50.0
-    assert claims.joint_collapses([20.0, 30.0]) == HOLDS
-    assert claims.joint_collapses([40.0, 60.0]) == FAILS  # mean 50 is not below 50
-    assert claims.joint_collapses([100.0]) == FAILS
+    assert rules.JOINT_COLLAPSE_MAX_UNIQUE == 50.0
+    assert rules.joint_collapses([20.0, 30.0]) == HOLDS
+    assert rules.joint_collapses([40.0, 60.0]) == FAILS  # mean 50 is not below 50
+    assert rules.joint_collapses([100.0]) == FAILS
 
 
 def test_early_share_of_the_drop_is_read_at_ten_percent_of_the_steps() -> None:
     steps = [0.0, 5.0, 10.0, 50.0, 100.0]
-    early_collapse = claims.drop_and_early_share(steps, [100, 30, 20, 20, 20], 100)
-    late_collapse = claims.drop_and_early_share(steps, [100, 100, 100, 50, 20], 100)
-    no_drop = claims.drop_and_early_share(steps, [100, 100, 100, 100, 100], 100)
+    early_collapse = rules.drop_and_early_share(steps, [100, 30, 20, 20, 20], 100)
+    late_collapse = rules.drop_and_early_share(steps, [100, 100, 100, 50, 20], 100)
+    no_drop = rules.drop_and_early_share(steps, [100, 100, 100, 100, 100], 100)
     assert early_collapse == (80, 1.0)
     assert late_collapse == (80, 0.0)
     assert no_drop == (0, None)
 
 
 def test_collapse_is_early_when_most_of_the_drop_comes_first() -> None:
-    assert claims.collapse_is_early([80.0, 60.0], [1.0, 0.6]) == HOLDS
-    assert claims.collapse_is_early([80.0, 60.0], [0.2, 0.3]) == FAILS
-    assert claims.collapse_is_early([80.0, 0.0], [0.9, None]) == HOLDS
-    assert claims.collapse_is_early([0.0, 0.0], [None, None]) == f"{FAILS} (no collapse to time)"
+    assert rules.collapse_is_early([80.0, 60.0], [1.0, 0.6]) == HOLDS
+    assert rules.collapse_is_early([80.0, 60.0], [0.2, 0.3]) == FAILS
+    assert rules.collapse_is_early([80.0, 0.0], [0.9, None]) == HOLDS
+    assert rules.collapse_is_early([0.0, 0.0], [None, None]) == f"{FAILS} (no collapse to time)"
 
 
 def test_decoupled_must_stay_above_the_threshold_at_every_seed() -> None:
-    assert claims.decoupled_never_collapses([99.0, 100.0]) == HOLDS
-    assert claims.decoupled_never_collapses([98.9, 100.0]) == FAILS
+    assert rules.decoupled_never_collapses([99.0, 100.0]) == HOLDS
+    assert rules.decoupled_never_collapses([98.9, 100.0]) == FAILS
 
 
 def test_angle_density_is_judged_by_total_variation_lower_is_flatter() -> None:
-    assert claims.angles_flat_only_when_decoupled([0.6, 0.7], [0.05, 0.07]) == HOLDS
-    assert claims.angles_flat_only_when_decoupled([0.08], [0.07]) == FAILS  # both flat
-    assert claims.angles_flat_only_when_decoupled([0.6], [0.3]) == FAILS  # neither flat
+    assert rules.angles_flat_only_when_decoupled([0.6, 0.7], [0.05, 0.07]) == HOLDS
+    assert rules.angles_flat_only_when_decoupled([0.08], [0.07]) == FAILS  # both flat
+    assert rules.angles_flat_only_when_decoupled([0.6], [0.3]) == FAILS  # neither flat
 
 
 def test_knn_gain_only_beyond_the_std_of_the_paired_differences() -> None:
-    assert claims.not_worse_on_paired_seeds([0.010, 0.012]) == "holds (gain)"
-    assert claims.not_worse_on_paired_seeds([0.02, -0.01]) == "holds (parity)"
-    assert claims.not_worse_on_paired_seeds([0.03]) == "holds (parity)"  # no std of one
-    assert claims.not_worse_on_paired_seeds([0.0, 0.0]) == "holds (parity)"
-    assert claims.not_worse_on_paired_seeds([-0.01, -0.02]) == FAILS
+    assert rules.not_worse_on_paired_seeds([0.010, 0.012]) == "holds (gain)"
+    assert rules.not_worse_on_paired_seeds([0.02, -0.01]) == "holds (parity)"
+    assert rules.not_worse_on_paired_seeds([0.03]) == "holds (parity)"  # no std of one
+    assert rules.not_worse_on_paired_seeds([0.0, 0.0]) == "holds (parity)"
+    assert rules.not_worse_on_paired_seeds([-0.01, -0.02]) == FAILS
 
 
 def test_ablation_lowers_uniqueness_or_usage() -> None:
-    assert claims.ablation_lowers([0.0], [-30.0]) == HOLDS
-    assert claims.ablation_lowers([-1.5], []) == HOLDS
-    assert claims.ablation_lowers([0.0], [2.0]) == FAILS
+    assert rules.ablation_lowers([0.0], [-30.0]) == HOLDS
+    assert rules.ablation_lowers([-1.5], []) == HOLDS
+    assert rules.ablation_lowers([0.0], [2.0]) == FAILS
     # Within the noise floors (1 point of unique %, 20 prototypes of usage): no effect.
-    assert claims.ablation_lowers([-0.2], [-10.0]) == FAILS
-    assert claims.fewer_used_early([-30.0, -24.0]) == HOLDS
-    assert claims.fewer_used_early([-10.0, -4.0]) == FAILS
-    assert claims.fewer_used_early([5.0]) == FAILS
+    assert rules.ablation_lowers([-0.2], [-10.0]) == FAILS
+    assert rules.fewer_used_early([-30.0, -24.0]) == HOLDS
+    assert rules.fewer_used_early([-10.0, -4.0]) == FAILS
+    assert rules.fewer_used_early([5.0]) == FAILS
 
 
 def test_koleo_ordering_is_strict() -> None:
-    assert claims.koleo_ordering([10.0], [30.0], [100.0]) == HOLDS
-    assert claims.koleo_ordering([10.0], [10.0], [100.0]) == FAILS
-    assert claims.koleo_ordering([100.0], [100.0], [100.0]) == FAILS
+    assert rules.koleo_ordering([10.0], [30.0], [100.0]) == HOLDS
+    assert rules.koleo_ordering([10.0], [10.0], [100.0]) == FAILS
+    assert rules.koleo_ordering([100.0], [100.0], [100.0]) == FAILS
 
 
 def test_claim_seven_holds_if_either_forgetting_ablation_holds() -> None:
     not_measured = "not measured (run: `x`)"
-    assert claims.combine_either([FAILS, HOLDS]) == HOLDS
-    assert claims.combine_either([FAILS, not_measured]) == not_measured
-    assert claims.combine_either([FAILS, FAILS]) == FAILS
+    assert rules.combine_either([FAILS, HOLDS]) == HOLDS
+    assert rules.combine_either([FAILS, not_measured]) == not_measured
+    assert rules.combine_either([FAILS, FAILS]) == FAILS
 
 
 def test_run_directory_names_match_the_scripts_that_write_them() -> None:
     """The names claims.py looks for are the ones the other scripts write."""
     decoupling = (ROOT / "benchmarks" / "decoupling.py").read_text()
     assert "f\"{label.replace(' ', '_')}-seed{seed}\"" in decoupling
-    for label in claims.ABLATION_LABELS.values():
+    for label in rules.ABLATION_LABELS.values():
         assert f'"{label}":' in decoupling
     assert (
         'f"{kind}-rho{args.rho:g}-seed{seed}"' in (ROOT / "benchmarks" / "longtail.py").read_text()
@@ -103,6 +102,31 @@ def test_run_directory_names_match_the_scripts_that_write_them() -> None:
     hosts = (ROOT / "benchmarks" / "hosts.py").read_text()
     assert 'f"{host}-{slug(label)}-seed{seed}"' in hosts
     assert '"joint-koleo"' in hosts
+
+
+# --- The claims as data ------------------------------------------------------------------
+
+
+def test_claims_are_data_in_table_order_with_their_statement_runs_and_rule() -> None:
+    ids = [claim.id for claim in claims.CLAIMS]
+    assert ids == ["1", "2", "3", "4", "5", "6", "7a", "7b", "7c", "7", "8"]
+    for index, claim in enumerate(claims.CLAIMS):
+        assert claim.statement and claim.reads and claim.rule, claim.id
+        # A combining claim reads the rows of claims before it.
+        assert set(claim.combines) <= set(ids[:index]), claim.id
+    assert [claims.CLAIMS[ids.index(part)].title for part in ("7a", "7b", "7c")] == [
+        f"ablation: {label}" for label in rules.ABLATION_LABELS.values()
+    ]
+
+
+def test_list_prints_every_claim_with_what_it_reads_and_its_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert claims.main(["--list"]) == 0
+    printed = capsys.readouterr().out
+    for claim in claims.CLAIMS:
+        assert f"{claim.id} {claim.title}: {claim.statement}." in printed
+        assert f"  rule: {claim.rule}" in printed
 
 
 # --- End to end on fake runs -------------------------------------------------------------
@@ -126,7 +150,7 @@ def history(unique_pct: list[float], used: list[float]) -> list[dict[str, float]
     """metrics.csv rows at steps 0, 5, ..., 100 of 100 (dense early, like the monitor)."""
     steps = [0, 5, 10, 25, 50, 75, 100]
     return [
-        {"step": s, claims.UNIQUE_COLUMN: u, claims.USAGE_COLUMN: n}
+        {"step": s, _claim_runs.UNIQUE_COLUMN: u, _claim_runs.USAGE_COLUMN: n}
         for s, u, n in zip(steps, unique_pct, used, strict=True)
     ]
 
@@ -213,11 +237,11 @@ def test_section_judges_the_runs_it_finds(
     assert verdict["4 flat angle density (DINO)"] == HOLDS
     assert verdict["5 k-NN parity or gain (DINO)"] == FAILS
     assert verdict["6 long tail"] == (
-        f"not measured (run: `scripts/dev python benchmarks/longtail.py --out "
+        f"not measured (run: `scripts/dev python -m benchmarks.longtail --out "
         f"{tmp_path / 'longtail'}`)"
     )
     assert verdict["1 partial collapse (iBOT, CARP)"].startswith(
-        "not measured (run: `scripts/dev python benchmarks/hosts.py --hosts ibot carp"
+        "not measured (run: `scripts/dev python -m benchmarks.hosts --hosts ibot carp"
     )
     assert verdict["7a ablation: forgetting: none"] == HOLDS
     assert verdict["7b ablation: forgetting: time"].startswith("not measured (run: ")
@@ -277,12 +301,12 @@ def test_long_tail_and_koleo_rows_come_from_their_own_folders(
     assert "joint + KoLeo-proto (weight 0.1) 30.0 ± 0.0 (2 seeds)" in section
     assert verdict["8 KoLeo-proto ordering (CARP)"] == FAILS  # all at 100 %
     assert verdict["8 KoLeo-proto ordering (iBOT)"].startswith(
-        "not measured (run: `scripts/dev python benchmarks/hosts.py --hosts ibot --out "
+        "not measured (run: `scripts/dev python -m benchmarks.hosts --hosts ibot --out "
     )
     assert verdict["1 partial collapse (iBOT)"] == HOLDS
     assert verdict["1 partial collapse (CARP)"] == FAILS
     assert verdict["1 partial collapse (DINO)"].startswith(
-        "not measured (run: `scripts/dev python benchmarks/decoupling.py --out "
+        "not measured (run: `scripts/dev python -m benchmarks.decoupling --out "
     )
 
 
@@ -314,3 +338,46 @@ def test_the_longer_horizon_gets_its_own_rows_only_where_both_kinds_finished(
     assert "difference 2.0 ± 1.4 (2 seeds) points" in section
     assert verdict[f"1 partial collapse ({host})"] == FAILS  # joint stays at 100 %
     assert verdict[f"3 no collapse when decoupled ({host})"] == FAILS  # 94 % < 99 %
+
+
+def test_a_longer_horizon_without_unique_counts_is_a_row_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its joint runs finished but lack unique %: claim 1 names it "not measured" with the
+    command that remakes it (this once raised a KeyError)."""
+    long_dir = tmp_path / "decoupling-long"
+    flat = history([100] * 7, [100] * 7)
+    for kind in ("joint", "decoupled"):
+        without = {k: v for k, v in summary(100.0, 0.9, 0.1).items() if k != "unique_pct"}
+        write_run(long_dir, f"{kind}-seed0", without, flat)
+    arguments = ["--quick", "--decoupling-dir", str(tmp_path / "decoupling")]
+    arguments += ["--longtail-dir", str(tmp_path / "longtail")]
+    arguments += ["--hosts-dir", str(tmp_path / "hosts")]
+    arguments += ["--decoupling-long-dir", str(long_dir)]
+
+    assert claims.main(arguments) == 0
+    verdict = verdicts(capsys.readouterr().out)
+    assert verdict["1 partial collapse (DINO, 100 steps)"].startswith(
+        "scripts/dev python -m benchmarks.decoupling --reuse --epochs 16 "
+    )
+    assert verdict["1 partial collapse (iBOT, CARP)"].startswith("not measured (run: ")
+
+
+def test_runs_as_a_module_and_records_that_command(tmp_path: Path) -> None:
+    """``python -m benchmarks.claims`` from another folder (the package on PYTHONPATH): the
+    section's command line is the ``-m`` form."""
+    arguments = ["--quick", "--decoupling-dir", str(tmp_path), "--longtail-dir", str(tmp_path)]
+    arguments += ["--hosts-dir", str(tmp_path), "--decoupling-long-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.claims", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=_common.package_environment(),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        f"Command: `scripts/dev python -m benchmarks.claims --quick --decoupling-dir {tmp_path}"
+        in (result.stdout)
+    )

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from benchmarks import _common as common
 from protogmm.prototypes import OnlineGMM
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +21,8 @@ def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Pa
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "decoupling.py"),
+            "-m",
+            "benchmarks.decoupling",
             "--quick",
             "--batch-size",
             "64",
@@ -35,6 +35,7 @@ def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Pa
         text=True,
         timeout=900,
         cwd=tmp_path,
+        env=common.package_environment(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     section = result.stdout[result.stdout.index("## Decoupling at small scale") :]
@@ -48,15 +49,12 @@ def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Pa
     assert (ROOT / "BENCHMARKS.md").read_text() == before
 
 
-def test_replace_section_replaces_only_its_own_block(
-    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
-) -> None:
-    replace_section = benchmark_script("_common").replace_section
+def test_replace_section_replaces_only_its_own_block(tmp_path: Path) -> None:
     path = tmp_path / "B.md"
     path.write_text("# Benchmarks\n\nintro\n")
-    replace_section("a", "first A", path)
-    replace_section("b", "only B", path)
-    replace_section("a", "second A", path)
+    common.replace_section("a", "first A", path)
+    common.replace_section("b", "only B", path)
+    common.replace_section("a", "second A", path)
     text = path.read_text()
     assert text == (
         "# Benchmarks\n\nintro\n\n<!-- BEGIN a -->\nsecond A\n<!-- END a -->\n\n"
@@ -64,10 +62,7 @@ def test_replace_section_replaces_only_its_own_block(
     )
 
 
-def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(
-    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
-) -> None:
-    reusable_run = benchmark_script("_common").reusable_run
+def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(tmp_path: Path) -> None:
     run = tmp_path / "decoupled-seed0"
     run.mkdir()
     (run / "summary.json").write_text('{"epochs": 16, "knn/top1": 0.9}')
@@ -80,17 +75,17 @@ def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(
     model = {"prototypes": "decoupled", "num_prototypes": 4096, "gmm": {"merge_overlap": 0.5}}
     data = {"batch_size": 32, "global_scale": (0.4, 1.0)}
 
-    found = reusable_run(run, epochs=16, model=model, data=data)
+    found = common.reusable_run(run, epochs=16, model=model, data=data)
     assert (
         found is not None
         and found["knn/top1"] == 0.9
         and found["rows"] == [{"step": 0.0, "loss": 6.5}]
     )
     # Another budget, another override, another data key, or an unfinished run: retrain.
-    assert reusable_run(run, epochs=5, model=model, data=data) is None
-    assert reusable_run(run, epochs=16, model={**model, "gmm": None}, data=data) is None
-    assert reusable_run(run, epochs=16, model=model, data={"batch_size": 128}) is None
-    assert reusable_run(tmp_path / "missing", epochs=16, model=model, data=data) is None
+    assert common.reusable_run(run, epochs=5, model=model, data=data) is None
+    assert common.reusable_run(run, epochs=16, model={**model, "gmm": None}, data=data) is None
+    assert common.reusable_run(run, epochs=16, model=model, data={"batch_size": 128}) is None
+    assert common.reusable_run(tmp_path / "missing", epochs=16, model=model, data=data) is None
 
 
 def decoupled_run(tmp_path: Path, summary: dict[str, object], gmm: str) -> Path:
@@ -103,10 +98,7 @@ def decoupled_run(tmp_path: Path, summary: dict[str, object], gmm: str) -> Path:
     return run
 
 
-def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
-    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
-) -> None:
-    reusable_run = benchmark_script("_common").reusable_run
+def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(tmp_path: Path) -> None:
     # Recorded as the mixture resolved it: a run from before split and merge were the default.
     old_default = OnlineGMM(
         4, 3, merge_overlap=None, reseed_min_share=None, anneal_steps=155
@@ -116,35 +108,30 @@ def test_reusable_run_retrains_a_decoupled_run_made_under_another_default(
     data: dict[str, object] = {}
 
     # hparams.yaml alone cannot tell (gmm: null either way); the recorded settings can.
-    assert reusable_run(run, epochs=5, model={"prototypes": "decoupled"}, data=data) is None
+    assert common.reusable_run(run, epochs=5, model={"prototypes": "decoupled"}, data=data) is None
     plain = {"prototypes": "decoupled", "gmm": {"merge_overlap": None, "reseed_min_share": None}}
     (run / "hparams.yaml").write_text(
         "prototypes: decoupled\ngmm:\n  merge_overlap: null\n  reseed_min_share: null\n"
     )
-    assert reusable_run(run, epochs=5, model=plain, data=data) is not None
+    assert common.reusable_run(run, epochs=5, model=plain, data=data) is not None
     # The budget-derived anneal_steps is not a setting to match.
     summary["gmm"]["anneal_steps"] = 2000
     (run / "summary.json").write_text(json.dumps(summary))
-    assert reusable_run(run, epochs=5, model=plain, data=data) is not None
+    assert common.reusable_run(run, epochs=5, model=plain, data=data) is not None
 
 
-def test_reusable_run_retrains_a_decoupled_run_without_a_recorded_mixture(
-    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
-) -> None:
+def test_reusable_run_retrains_a_decoupled_run_without_a_recorded_mixture(tmp_path: Path) -> None:
     # Runs from before summary.json recorded the mixture predate today's defaults.
-    reusable_run = benchmark_script("_common").reusable_run
     run = decoupled_run(tmp_path, {"epochs": 16, "prototypes": "decoupled"}, gmm="null")
-    assert reusable_run(run, epochs=16, model={"prototypes": "decoupled"}, data={}) is None
+    assert common.reusable_run(run, epochs=16, model={"prototypes": "decoupled"}, data={}) is None
 
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_reuse_or_train_trains_unless_reuse_finds_a_run_with_the_required_key(
     tmp_path: Path,
-    benchmark_script: Callable[[str], ModuleType],
     monkeypatch: pytest.MonkeyPatch,
     reuse: bool,
 ) -> None:
-    common = benchmark_script("_common")
     trained: list[str] = []
     finished = {"with-key": {"epochs": 5, "longtail": {}}, "without-key": {"epochs": 5}}
     monkeypatch.setattr(common, "reusable_run", lambda run_dir, **_: finished.get(run_dir.name))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import _common, head_cost
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "head_cost.py"
 
 
 def table_rows(section: str, first_header_cell: str) -> tuple[list[str], list[list[str]]]:
@@ -43,11 +44,12 @@ def number(cell: str) -> float:
 def test_quick_mode_prints_the_head_cost_section(tmp_path: Path) -> None:
     before = own_section("head-cost")
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--no-write"],
+        [sys.executable, "-m", "benchmarks.head_cost", "--quick", "--no-write"],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=tmp_path,
+        env=_common.package_environment(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     section = result.stdout[result.stdout.index("## Head cost vs K") :]
@@ -101,11 +103,6 @@ def test_quick_mode_prints_the_head_cost_section(tmp_path: Path) -> None:
 
 
 def test_product_counts_and_break_even() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import head_cost
-    finally:
-        sys.path.pop(0)
     two_views = head_cost.Setting(1024, 256, 256, 0, "cpu")
     # joint: teacher scores + student scores, dz, dW; decoupled: E-step (2) + statistics
     # (2) + teacher scores + student scores, dz.
@@ -117,12 +114,7 @@ def test_product_counts_and_break_even() -> None:
 
 
 def test_peak_memory_sees_a_freed_allocation_inside_its_block() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _common import PeakMemory
-    finally:
-        sys.path.pop(0)
-    with PeakMemory("cpu") as memory:
+    with _common.PeakMemory("cpu") as memory:
         block = b"\x01" * (256 * 2**20)  # every byte written, so every page resident
         del block
     assert memory.peak_mib >= memory.start_mib

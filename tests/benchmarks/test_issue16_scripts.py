@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import derived_datasets
 from protogmm.data.datasets import EmbeddedMNIST
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_quick(script: str, *extra: str) -> str:
+def run_quick(module: str, *extra: str) -> str:
+    """``python -m benchmarks.<module> --quick`` from the repository root: its output."""
     before = (ROOT / "BENCHMARKS.md").read_text()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *extra],
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", *extra],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -44,14 +44,14 @@ def table_body(output: str, header_start: str) -> list[list[str]]:
 
 
 def test_mixture_recovery_quick_reports_both_rows() -> None:
-    rows = table_body(run_quick("mixture_recovery.py"), "| mixture |")
+    rows = table_body(run_quick("mixture_recovery"), "| mixture |")
     assert [row[0] for row in rows] == ["defaults", "before issue 16: plain annealed online EM"]
     # defaults: every seed never collapsed and recovered every centre (2 of 2) in each column
     assert all(cell.startswith("2 / 2") for cell in rows[0][1:]), rows[0]
 
 
 def test_joint_levers_quick_reports_a_joint_and_a_decoupled_row() -> None:
-    rows = table_body(run_quick("joint_levers.py"), "| levers |")
+    rows = table_body(run_quick("joint_levers"), "| levers |")
     assert rows[0][0].startswith("joint") and rows[1][0].startswith("decoupled")
     for row in rows:
         early, end = (float(part.split()[0]) for part in row[1].split(" / "))
@@ -59,7 +59,7 @@ def test_joint_levers_quick_reports_a_joint_and_a_decoupled_row() -> None:
 
 
 def test_data_sets_quick_trains_the_three_kinds(tmp_path: Path) -> None:
-    output = run_quick("data_sets.py", "--out", str(tmp_path / "runs"))
+    output = run_quick("data_sets", "--out", str(tmp_path / "runs"))
     rows = table_body(output, "| data set |")
     kinds = [row[1] for row in rows]
     assert kinds[:3] == ["joint", "decoupled", "decoupled, plain annealed EM (before issue 16)"]
@@ -67,14 +67,11 @@ def test_data_sets_quick_trains_the_three_kinds(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["mnist5k-inverted", "mnist5k-rotated"])
-def test_derived_data_sets_transform_the_embedded_images(
-    tmp_path: Path, benchmark_script: Callable[[str], ModuleType], name: str
-) -> None:
-    derived = benchmark_script("derived_datasets")
-    root = derived.write_derived(tmp_path, name)
+def test_derived_data_sets_transform_the_embedded_images(tmp_path: Path, name: str) -> None:
+    root = derived_datasets.write_derived(tmp_path, name)
     test = EmbeddedMNIST(split="test")
     assert len(list((root / "val").rglob("*.png"))) == len(test.labels)
     assert len(list((root / "train").rglob("*.png"))) == len(EmbeddedMNIST().labels)
     first = np.asarray(Image.open(root / "val" / str(int(test.labels[0])) / "00000.png"))
     original = np.asarray(test.images[0], dtype=np.uint8).reshape(28, 28)
-    np.testing.assert_array_equal(first, derived.DERIVED[name](original))
+    np.testing.assert_array_equal(first, derived_datasets.DERIVED[name](original))

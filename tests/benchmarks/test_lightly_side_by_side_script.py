@@ -1,24 +1,25 @@
-"""The lightly side-by-side benchmark: --quick end to end, and lightly never a dependency."""
+"""The lightly side-by-side benchmark: --quick end to end, and lightly only an optional extra."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import _common, lightly_side_by_side
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "lightly_side_by_side.py"
 RUN_LABELS = (
     "lightly DINO, protogmm's recipe",
     "lightly DINO, its CIFAR-10 recipe",
     "protogmm DINO joint",
     "protogmm DINO decoupled",
 )
-LIGHTLY_UNAVAILABLE = 3
 
 
 def own_section(name: str) -> str | None:
@@ -29,27 +30,22 @@ def own_section(name: str) -> str | None:
     return text[text.index(begin) : text.index(end)] if begin in text and end in text else None
 
 
-def pypi_reachable() -> bool:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from lightly_side_by_side import pypi_reachable as reachable
-    finally:
-        sys.path.pop(0)
-    return reachable()
-
-
 @pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightly") is None,
+    reason="lightly is not installed: pip install 'protogmm[benchmarks]'",
+)
 def test_quick_mode_trains_every_run_and_prints_the_section(tmp_path: Path) -> None:
     before = own_section("lightly")
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--no-write", "--out", str(tmp_path / "runs")],
+        [sys.executable, "-m", "benchmarks.lightly_side_by_side", "--quick", "--no-write"]
+        + ["--out", str(tmp_path / "runs")],
         capture_output=True,
         text=True,
         timeout=1800,
         cwd=tmp_path,
+        env=_common.package_environment(),
     )
-    if result.returncode == LIGHTLY_UNAVAILABLE and not pypi_reachable():
-        pytest.skip(f"PyPI unreachable, lightly cannot be installed: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr[-3000:]
     section = result.stdout[result.stdout.index("## Side by side with lightly") :]
     lines = section.splitlines()
@@ -84,42 +80,41 @@ def test_quick_mode_trains_every_run_and_prints_the_section(tmp_path: Path) -> N
     assert own_section("lightly") == before
 
 
-def test_install_failure_is_one_line_and_exit_3(tmp_path: Path) -> None:
-    """No index reachable: one line on stderr, exit 3, nothing half-installed left behind."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
-    }
-    env.update(
-        {
-            "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # the discard port: refused at once
-            "PIP_RETRIES": "0",
-            "PIP_TIMEOUT": "2",
-        }
-    )
-    target = tmp_path / "cache" / "lightly-1.6.0"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--no-write", "--lightly-dir", str(target)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert result.returncode == LIGHTLY_UNAVAILABLE, result.stderr[-2000:]
-    message = result.stderr.strip().splitlines()
-    assert len(message) == 1 and message[0].startswith(
-        "lightly_side_by_side: could not install lightly==1.6.0"
-    ), result.stderr
-    assert not target.exists()
-    assert list(target.parent.iterdir()) == []  # the staging folder was removed
+def missing(name: str) -> str:
+    raise importlib.metadata.PackageNotFoundError(name)
 
 
-def test_lightly_is_not_a_project_dependency() -> None:
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        (missing, "lightly is not installed; "),
+        (lambda name: "1.5.0", "found lightly 1.5.0, the benchmark is written for 1.6.0; "),
+    ],
+)
+def test_without_lightly_1_6_0_one_line_says_how_to_install_it_and_exit_3(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    version: object,
+    message: str,
+) -> None:
+    monkeypatch.setattr(lightly_side_by_side.importlib.metadata, "version", version)
+    code = lightly_side_by_side.main(["--quick", "--no-write"])
+    assert code == lightly_side_by_side.LIGHTLY_UNAVAILABLE == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"lightly_side_by_side: {message}install it with: pip install 'protogmm[benchmarks]'"
+    ]
+
+
+def test_lightly_is_only_the_benchmarks_extra_pinned_to_the_version_the_script_uses() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = list(project.get("dependencies", []))
-    for extra in project.get("optional-dependencies", {}).values():
-        requirements += extra
-    assert not [r for r in requirements if r.lower().replace("_", "-").startswith("lightly")]
+
+    def lightly(requirements: list[str]) -> list[str]:
+        return [r for r in requirements if r.lower().replace("_", "-").startswith("lightly")]
+
+    assert not lightly(project.get("dependencies", []))
+    extras = project.get("optional-dependencies", {})
+    assert {name: lightly(reqs) for name, reqs in extras.items() if lightly(reqs)} == {
+        "benchmarks": [f"lightly=={lightly_side_by_side.LIGHTLY_VERSION}"]
+    }

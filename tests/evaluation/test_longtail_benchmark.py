@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import _common
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -15,12 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_mode_prints_every_table_and_leaves_benchmarks_md(tmp_path: Path) -> None:
     before = (ROOT / "BENCHMARKS.md").read_text()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "longtail.py"), "--quick"]
+        [sys.executable, "-m", "benchmarks.longtail", "--quick"]
         + ["--out", str(tmp_path / "runs")],
         capture_output=True,
         text=True,
         timeout=1800,  # ~6 minutes on 2 busy cores: 2 runs, each with 9 linear probes
         cwd=tmp_path,
+        env=_common.package_environment(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     section = result.stdout[result.stdout.index("## Long tail") :]
@@ -41,10 +44,11 @@ def test_quick_mode_prints_every_table_and_leaves_benchmarks_md(tmp_path: Path) 
 
 def test_model_overrides_must_not_choose_the_prototypes() -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "longtail.py"), "--quick"]
+        [sys.executable, "-m", "benchmarks.longtail", "--quick"]
         + ["--model", '{"prototypes": "joint"}'],
         capture_output=True,
         text=True,
         timeout=300,
+        env=_common.package_environment(),
     )
     assert result.returncode == 2 and "--model must be a JSON object" in result.stderr

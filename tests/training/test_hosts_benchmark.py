@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+
+from benchmarks import _common as common
+from benchmarks import hosts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_mode_trains_every_host_and_kind_and_prints_the_section(tmp_path: Path) -> None:
     before = (ROOT / "BENCHMARKS.md").read_text()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "hosts.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.hosts", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=1800,
         cwd=tmp_path,
+        env=common.package_environment(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     section = result.stdout[result.stdout.index("### Joint vs decoupled vs joint + KoLeo") :]
@@ -56,10 +58,8 @@ def fake_summary() -> dict[str, Any]:
 def test_reuse_trains_only_the_runs_without_a_matching_finished_run(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    benchmark_script: Callable[[str], ModuleType],
     reuse: bool,
 ) -> None:
-    hosts, common = benchmark_script("hosts"), benchmark_script("_common")
     trained: list[str] = []
     finished = {"dino-joint-seed0", "dino-joint-koleo-seed1"}
 
@@ -81,10 +81,7 @@ def test_reuse_trains_only_the_runs_without_a_matching_finished_run(
     assert sorted(trained) == sorted(every_run - finished if reuse else every_run)
 
 
-def test_patch_prototypes_are_read_only_from_the_last_step(
-    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
-) -> None:
-    hosts = benchmark_script("hosts")
+def test_patch_prototypes_are_read_only_from_the_last_step(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"
     # A run without a patch set (DINO, CARP) does not need last.ckpt to be the last step's:
