@@ -13,6 +13,9 @@
     Frozen-encoder k-NN or linear probe, beside the untrained encoder and raw pixels.
 ``protogmm compare RUN_DIR...``
     One table and overlaid collapse-over-training plots across runs.
+``protogmm export CKPT --out FILE.safetensors``
+    The teacher backbone for timm / torchvision / protogmm (``strict=True``), and the
+    prototype sets (``FILE.prototypes.safetensors``) for ``diagnose``.
 
 ``--data.KEY VALUE`` are ``fit``'s data arguments (``SSLDataModule``'s), in every command.
 """
@@ -28,6 +31,7 @@ from protogmm.cli.data_arguments import DataArguments
 from protogmm.cli.demo import HOST_PRESETS, demo_settings, run_demo
 from protogmm.cli.diagnose import long_tail_text, run_diagnose, usage_table
 from protogmm.cli.evaluate import run_eval
+from protogmm.cli.export import run_export
 from protogmm.cli.fit import CONFIG_DIR, ConfigError, ProtoCLI, run_fit
 from protogmm.reports import demo_table
 
@@ -47,6 +51,7 @@ __all__ = [
     "run_demo",
     "run_diagnose",
     "run_eval",
+    "run_export",
     "run_fit",
     "usage_table",
 ]
@@ -57,6 +62,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "diagnose": run_diagnose,
     "eval": run_eval,
     "compare": run_compare,
+    "export": run_export,
 }
 
 

@@ -186,7 +186,11 @@ def describe_prototypes(found: Mapping[str, Tensor]) -> str:
 def _load_tensors_only(path: Path) -> object:
     """``torch.load`` with ``weights_only=True``, turning a refusal into a one-line error.
 
-    The archive's CRC-32s are checked first (:mod:`protogmm.integrity`): torch does not."""
+    The archive's CRC-32s are checked first (:mod:`protogmm.integrity`): torch does not.
+    A ``.safetensors`` file (``protogmm export``'s prototypes, or another project's) holds
+    tensors only and is read with safetensors."""
+    if Path(path).suffix == ".safetensors":
+        return _load_safetensors(path)
     check_checkpoint_integrity(path)
     try:
         # argparse.Namespace: DINO's full checkpoints hold their arguments in one (see above).
@@ -208,6 +212,17 @@ def _load_tensors_only(path: Path) -> object:
     except Exception as error:  # torch.load raises many types on a corrupt or foreign file
         reason = f"{type(error).__name__}: {_last_line(str(error))}"
         raise ValueError(f"{path} is not a readable torch checkpoint ({reason})") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors, or one line naming the file."""
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 (a corrupt header or data: one line)
+        reason = f"{type(error).__name__}: {_last_line(str(error))}"
+        raise ValueError(f"{path} is not a readable safetensors file ({reason})") from None
 
 
 def _last_line(message: str) -> str:
