@@ -3,8 +3,6 @@ the registry's errors and the optional timm adapter."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
@@ -13,7 +11,6 @@ from protogmm.models import (
     BACKBONES,
     ConvNet,
     SmallViT,
-    TimmBackbone,
     TorchvisionResNet,
     build_backbone,
 )
@@ -234,15 +231,6 @@ def test_build_backbone_unknown_name_names_backbone() -> None:
         build_backbone("timm:", in_channels=1, image_size=28)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")
-def test_timm_missing_raises_import_error() -> None:
-    with pytest.raises(ImportError, match="timm"):
-        TimmBackbone("resnet18")
-    with pytest.raises(ImportError, match="pip install timm"):
-        build_backbone("timm:resnet18", in_channels=3, image_size=32)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 def test_timm_backbone_when_installed() -> None:
     net = build_backbone("timm:resnet18", in_channels=1, image_size=32).eval()
     with torch.no_grad():

@@ -288,9 +288,10 @@ class PrototypicalSSL(L.LightningModule):
             )
         except ValueError as error:
             raise ValueError(f"model.backbone: {error}") from None
-        if host == "ibot" and not hasattr(encoder, "forward_tokens"):
+        if host == "ibot" and not getattr(encoder, "patch_tokens", False):
             raise ValueError(
-                f"model.host: 'ibot' needs a backbone with patch tokens (vit, vit_t, vit_s), "
+                f"model.host: 'ibot' needs a backbone with patch tokens (vit, vit_t, vit_s, "
+                "timm:vit_*), "
                 f"got model.backbone={backbone!r}"
             )
         head = ProjectionHead(
