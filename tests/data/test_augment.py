@@ -195,3 +195,16 @@ def test_eval_transform_is_deterministic_and_resizes() -> None:
         transform(_rgb(28))
     with pytest.raises(ValueError, match="image_size"):
         eval_transform(0, 1)
+
+
+def test_large_eval_crops_keep_dinos_256_to_224_margin() -> None:
+    # A 256 px image whose outer 16 px are white: DINO's resize 256 -> centre crop 224 cuts
+    # exactly that border away; small images are resized to the crop itself (no margin).
+    pixels = np.full((256, 256, 3), 255, dtype=np.uint8)
+    pixels[16:-16, 16:-16] = 0
+    image = Image.fromarray(pixels)
+    transform = eval_transform(224, 3, mean=(0.0,) * 3, std=(1.0,) * 3)
+    out = transform(image)
+    assert tuple(out.shape) == (3, 224, 224) and float(out.max()) == 0.0
+    small = eval_transform(32, 3, mean=(0.0,) * 3, std=(1.0,) * 3)(image.resize((32, 32)))
+    assert float(small.max()) > 0.9  # the border is kept at 32 px

@@ -282,6 +282,10 @@ class MultiCropTransform:
         )
 
 
+#: Evaluation crops of at least this many pixels keep DINO's 256 -> 224 resize margin.
+EVAL_MARGIN_MIN_SIZE = 96
+
+
 def eval_transform(
     image_size: int,
     in_channels: int,
@@ -290,9 +294,11 @@ def eval_transform(
 ) -> v2.Compose:
     """Deterministic transform for feature extraction (k-NN, linear probe).
 
-    Resize the shorter side to ``image_size`` (skipped when it already is) and centre-crop
-    a square, as DINO's ``eval_knn.py`` (without its 256 -> 224 margin, which small images
-    cannot spare), then float32 in [0, 1] and the same normalisation as training.
+    Resize the shorter side and centre-crop a square of ``image_size``, then float32 in
+    [0, 1] and the same normalisation as training. From :data:`EVAL_MARGIN_MIN_SIZE` px on,
+    the resize keeps DINO's margin (``eval_knn.py``: shorter side 256, crop 224, i.e.
+    ``round(image_size * 256 / 224)``); smaller images, which cannot spare it, are resized
+    to ``image_size`` itself.
 
     Returns:
         A callable mapping a PIL image (or uint8 / float tensor) to a float32
@@ -303,7 +309,11 @@ def eval_transform(
     return v2.Compose(
         [
             _AsUint8Image(in_channels),
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(
+                round(image_size * 256 / 224) if image_size >= EVAL_MARGIN_MIN_SIZE else image_size,
+                interpolation=v2.InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
             v2.CenterCrop(image_size),
             _ToFloatTensor(mean, std),
         ]
