@@ -1,8 +1,9 @@
-"""Settings every test shares."""
+"""Settings and fixtures every test shares (plain helpers: ``helpers.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,3 +21,24 @@ def one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``tiny_run(kind)``: the folder ``<tmp>/<kind>`` (``protogmm compare`` labels a run by
+    its folder's name) of one finished tiny run with ``kind`` prototypes: the tiny model, one
+    epoch on 64 synthetic 16 px images without local crops. Trained on first use and shared
+    by every test of the session: read it, never modify it."""
+    # Imported here: Lightning costs seconds that the tests without a run need not pay.
+    from helpers import TINY_MODEL, fit_tiny, tiny_data
+
+    runs: dict[str, Path] = {}
+
+    def run(kind: str) -> Path:
+        if kind not in runs:
+            run_dir = tmp_path_factory.mktemp("tiny-run") / kind
+            fit_tiny(run_dir, TINY_MODEL | {"prototypes": kind}, tiny_data(num_local_crops=0))
+            runs[kind] = run_dir
+        return runs[kind]
+
+    return run

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks import _claim_rules as rules
-from benchmarks import _claim_runs, _common, claims
-
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks import _claim_runs, claims
+from helpers import REPO_ROOT, run_benchmark
 
 HOLDS, FAILS = "holds", "does not hold"
 
@@ -92,14 +89,15 @@ def test_claim_seven_holds_if_either_forgetting_ablation_holds() -> None:
 
 def test_run_directory_names_match_the_scripts_that_write_them() -> None:
     """The names claims.py looks for are the ones the other scripts write."""
-    decoupling = (ROOT / "benchmarks" / "decoupling.py").read_text()
+    decoupling = (REPO_ROOT / "benchmarks" / "decoupling.py").read_text()
     assert "f\"{label.replace(' ', '_')}-seed{seed}\"" in decoupling
     for label in rules.ABLATION_LABELS.values():
         assert f'"{label}":' in decoupling
     assert (
-        'f"{kind}-rho{args.rho:g}-seed{seed}"' in (ROOT / "benchmarks" / "longtail.py").read_text()
+        'f"{kind}-rho{args.rho:g}-seed{seed}"'
+        in (REPO_ROOT / "benchmarks" / "longtail.py").read_text()
     )
-    hosts = (ROOT / "benchmarks" / "hosts.py").read_text()
+    hosts = (REPO_ROOT / "benchmarks" / "hosts.py").read_text()
     assert 'f"{host}-{slug(label)}-seed{seed}"' in hosts
     assert '"joint-koleo"' in hosts
 
@@ -178,7 +176,7 @@ def verdicts(section: str) -> dict[str, str]:
 
 
 def own_section() -> str | None:
-    text = (ROOT / "BENCHMARKS.md").read_text()
+    text = (REPO_ROOT / "BENCHMARKS.md").read_text()
     begin, end = "<!-- BEGIN claims -->", "<!-- END claims -->"
     return text[text.index(begin) : text.index(end)] if begin in text and end in text else None
 
@@ -368,16 +366,8 @@ def test_runs_as_a_module_and_records_that_command(tmp_path: Path) -> None:
     section's command line is the ``-m`` form."""
     arguments = ["--quick", "--decoupling-dir", str(tmp_path), "--longtail-dir", str(tmp_path)]
     arguments += ["--hosts-dir", str(tmp_path), "--decoupling-long-dir", str(tmp_path)]
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.claims", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env=_common.package_environment(),
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    out = run_benchmark("claims", *arguments, cwd=tmp_path, timeout=300)
     assert (
         f"Command: `scripts/dev python -m benchmarks.claims --quick --decoupling-dir {tmp_path}"
-        in (result.stdout)
+        in out
     )

@@ -3,42 +3,26 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import _common as common
+from helpers import REPO_ROOT, run_benchmark
 from protogmm.prototypes import OnlineGMM
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Path) -> None:
-    before = (ROOT / "BENCHMARKS.md").read_text()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.decoupling",
-            "--quick",
-            "--batch-size",
-            "64",
-            "--out",
-            str(tmp_path / "runs"),
-            "--plot",
-            str(tmp_path / "collapse.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    before = (REPO_ROOT / "BENCHMARKS.md").read_text()
+    out = run_benchmark(
+        "decoupling",
+        *["--quick", "--batch-size", "64", "--out", str(tmp_path / "runs")],
+        *["--plot", str(tmp_path / "collapse.png")],
         cwd=tmp_path,
-        env=common.package_environment(),
+        timeout=900,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    section = result.stdout[result.stdout.index("## Decoupling at small scale") :]
+    section = out[out.index("## Decoupling at small scale") :]
     for label in ("| joint |", "| decoupled |", "| untrained encoder |", "| raw pixels |"):
         assert label in section
     assert "| posterior targets |" in section  # the --quick ablation
@@ -46,7 +30,7 @@ def test_quick_mode_trains_every_main_config_and_prints_the_section(tmp_path: Pa
     assert (tmp_path / "collapse.png").stat().st_size > 0
     assert (tmp_path / "runs" / "joint-seed0" / "summary.json").exists()
     # --quick never rewrites the measured numbers.
-    assert (ROOT / "BENCHMARKS.md").read_text() == before
+    assert (REPO_ROOT / "BENCHMARKS.md").read_text() == before
 
 
 def test_replace_section_replaces_only_its_own_block(tmp_path: Path) -> None:

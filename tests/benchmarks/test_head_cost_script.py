@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import _common, head_cost
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import benchmarks_section, run_benchmark
 
 
 def table_rows(section: str, first_header_cell: str) -> tuple[list[str], list[list[str]]]:
@@ -27,14 +24,6 @@ def table_rows(section: str, first_header_cell: str) -> tuple[list[str], list[li
     return header, rows
 
 
-def own_section(name: str) -> str | None:
-    """This script's block of BENCHMARKS.md, or None (other scripts may write theirs
-    meanwhile: only this block must stay as it was)."""
-    text = (ROOT / "BENCHMARKS.md").read_text()
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    return text[text.index(begin) : text.index(end)] if begin in text and end in text else None
-
-
 def number(cell: str) -> float:
     """The leading number of a cell such as ``12.3`` or ``4.5 (7)``."""
     return float(cell.split()[0])
@@ -42,17 +31,9 @@ def number(cell: str) -> float:
 
 @pytest.mark.slow
 def test_quick_mode_prints_the_head_cost_section(tmp_path: Path) -> None:
-    before = own_section("head-cost")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.head_cost", "--quick", "--no-write"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-        env=_common.package_environment(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    section = result.stdout[result.stdout.index("## Head cost vs K") :]
+    before = benchmarks_section("head-cost")
+    out = run_benchmark("head_cost", "--quick", "--no-write", cwd=tmp_path, timeout=900)
+    section = out[out.index("## Head cost vs K") :]
 
     header, rows = table_rows(section, "K")
     assert "time decoupled/joint" in header and "floor: 1 product ms" in header
@@ -99,7 +80,7 @@ def test_quick_mode_prints_the_head_cost_section(tmp_path: Path) -> None:
         assert number(row[variants_header.index("ms/step")]) > 0, row
         assert number(row[variants_header.index("variant / default decoupled")]) > 0, row
     # --quick never rewrites the measured numbers.
-    assert own_section("head-cost") == before
+    assert benchmarks_section("head-cost") == before
 
 
 def test_product_counts_and_break_even() -> None:

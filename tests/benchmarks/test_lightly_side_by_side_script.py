@@ -5,15 +5,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import _common, lightly_side_by_side
+from benchmarks import lightly_side_by_side
+from helpers import REPO_ROOT, benchmarks_section, run_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 RUN_LABELS = (
     "lightly DINO, protogmm's recipe",
     "lightly DINO, its CIFAR-10 recipe",
@@ -22,32 +20,20 @@ RUN_LABELS = (
 )
 
 
-def own_section(name: str) -> str | None:
-    """This script's block of BENCHMARKS.md, or None (other scripts may write theirs
-    meanwhile: only this block must stay as it was)."""
-    text = (ROOT / "BENCHMARKS.md").read_text()
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    return text[text.index(begin) : text.index(end)] if begin in text and end in text else None
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("lightly") is None,
     reason="lightly is not installed: pip install 'protogmm[benchmarks]'",
 )
 def test_quick_mode_trains_every_run_and_prints_the_section(tmp_path: Path) -> None:
-    before = own_section("lightly")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lightly_side_by_side", "--quick", "--no-write"]
-        + ["--out", str(tmp_path / "runs")],
-        capture_output=True,
-        text=True,
-        timeout=1800,
+    before = benchmarks_section("lightly")
+    out = run_benchmark(
+        "lightly_side_by_side",
+        *["--quick", "--no-write", "--out", str(tmp_path / "runs")],
         cwd=tmp_path,
-        env=_common.package_environment(),
+        timeout=1800,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    section = result.stdout[result.stdout.index("## Side by side with lightly") :]
+    section = out[out.index("## Side by side with lightly") :]
     lines = section.splitlines()
     header_at = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
     header = [cell.strip() for cell in lines[header_at].strip("|").split("|")]
@@ -77,7 +63,7 @@ def test_quick_mode_trains_every_run_and_prints_the_section(tmp_path: Path) -> N
     assert [row.split("|")[1].strip() for row in profile_rows[1:]] == list(RUN_LABELS)
     assert not [row for row in profile_rows if "not profiled" in row]
     # --quick never rewrites the measured numbers.
-    assert own_section("lightly") == before
+    assert benchmarks_section("lightly") == before
 
 
 def missing(name: str) -> str:
@@ -108,7 +94,7 @@ def test_without_lightly_1_6_0_one_line_says_how_to_install_it_and_exit_3(
 
 def test_lightly_is_only_the_benchmarks_extra_pinned_to_the_version_the_script_uses() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 
     def lightly(requirements: list[str]) -> list[str]:
         return [r for r in requirements if r.lower().replace("_", "-").startswith("lightly")]

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from imagefiles import break_file, write_cifar, write_tree
 
+from helpers import FOLDER_MODEL, fit_tiny, run_cli
 from protogmm.data import BadImageError, SkipBadImages
 from protogmm.training import datamodule
 from protogmm.training.datamodule import SSLDataModule, datamodule_from_checkpoint
-from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
-
-TINY_MODEL = {
-    "backbone_kwargs": {"width": 8},
-    "num_prototypes": 16,
-    "hidden_dim": 32,
-    "bottleneck_dim": 16,
-}
 
 
 def folder_data(folder: Path, **kwargs: object) -> SSLDataModule:
@@ -178,18 +167,8 @@ def test_fit_on_a_long_tailed_folder_with_a_broken_file(tmp_path: Path) -> None:
     # lazily, so it is found at first touch.
     broken = next(p for p, label in data.labelled_split("train").samples if label == 1)
     break_file(Path(broken), "text")
-    L.seed_everything(0, verbose=False)
-    model = PrototypicalSSL(prototypes="decoupled", in_channels=3, image_size=16, **TINY_MODEL)
     run_dir = tmp_path / "run"
-    trainer = build_trainer(
-        run_dir,
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, datamodule=data)
+    _, trainer = fit_tiny(run_dir, FOLDER_MODEL | {"prototypes": "decoupled"}, data, devices=1)
     assert trainer.global_step == 2  # 10 + 5 + 3 = 18 images, batch 8, drop_last
 
     counts = json.loads((run_dir / "class_counts.json").read_text())
@@ -221,16 +200,7 @@ def test_skip_at_first_touch_is_reported_by_the_fit(tmp_path: Path) -> None:
     write_tree(root / "val", {"a": 2, "b": 2}, size=12)
     break_file(paths[3], "zero")
     data = folder_data(root, on_bad_image="skip")
-    trainer = build_trainer(
-        tmp_path / "run",
-        max_epochs=1,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    L.seed_everything(0, verbose=False)
-    model = PrototypicalSSL(prototypes="joint", in_channels=3, image_size=16, **TINY_MODEL)
-    trainer.fit(model, datamodule=data)
+    fit_tiny(tmp_path / "run", FOLDER_MODEL | {"prototypes": "joint"}, data)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_images"]["files"] == {"train": [str(paths[3])]}
     assert isinstance(data.labelled_split("train"), SkipBadImages)
@@ -246,20 +216,14 @@ def test_cli_scan_error_is_one_line(tmp_path: Path) -> None:
     paths = write_tree(tmp_path / "train", {"a": 2, "b": 2})
     write_tree(tmp_path / "val", {"a": 1, "b": 1})
     break_file(paths[0], "truncated")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "protogmm.cli",
-            "fit",
-            "--data.dataset=folder",
-            f"--data.root={tmp_path}",
-            "--data.image_size=16",
-            "--data.scan_images=true",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "fit",
+        "--data.dataset=folder",
+        f"--data.root={tmp_path}",
+        "--data.image_size=16",
+        "--data.scan_images=true",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
         timeout=600,
     )
     assert result.returncode == 2
@@ -276,25 +240,19 @@ def test_a_batch_larger_than_the_data_is_a_one_line_error_not_a_run_of_no_steps(
     with pytest.raises(ValueError, match=r"data\.batch_size: 128 .* 64 training images"):
         data.train_dataloader()
     # Through the command line: exit code 2 and one line naming the key, no run reported done.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "protogmm.cli",
-            "fit",
-            "--data.dataset",
-            "synthetic",
-            "--data.synthetic_samples",
-            "64",
-            "--data.batch_size",
-            "128",
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.max_epochs",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "fit",
+        "--data.dataset",
+        "synthetic",
+        "--data.synthetic_samples",
+        "64",
+        "--data.batch_size",
+        "128",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.max_epochs",
+        "1",
+        cwd=tmp_path,
         timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]

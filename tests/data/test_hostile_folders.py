@@ -9,13 +9,13 @@ import logging
 import os
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 from imagefiles import bomb_png, encode, image_pixels, png_bytes, write_tree
 from PIL import Image, ImageFile
 from torchvision.datasets.folder import make_dataset
 
+from helpers import FOLDER_MODEL, fit_tiny
 from protogmm.data import (
     BadImageError,
     ClassFolderImages,
@@ -28,8 +28,6 @@ from protogmm.data.bad_images import display_path
 from protogmm.data.folder import MAX_IMAGE_PIXELS, list_class_files
 from protogmm.training.callbacks import write_text_atomically
 from protogmm.training.datamodule import SSLDataModule
-from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
 
 # ---------------------------------------------------------------------------------------
 # 6. Symlinks: followed, but never in a loop, and every real file listed once.
@@ -260,24 +258,7 @@ def test_fit_reports_a_skipped_file_with_an_undecodable_name(tmp_path: Path) -> 
         on_bad_image="skip",
     )
     run_dir = tmp_path / "run"
-    trainer = build_trainer(
-        run_dir,
-        max_epochs=1,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    L.seed_everything(0, verbose=False)
-    model = PrototypicalSSL(
-        prototypes="joint",
-        in_channels=3,
-        image_size=16,
-        backbone_kwargs={"width": 8},
-        num_prototypes=16,
-        hidden_dim=32,
-        bottleneck_dim=16,
-    )
-    trainer.fit(model, datamodule=data)
+    fit_tiny(run_dir, FOLDER_MODEL | {"prototypes": "joint"}, data)
     shown = f"{root}/train/a/\\xff\\xfe.png"
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["skipped_images"]["files"] == {"train": [shown]}

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 
+from helpers import TINY_MODEL, fit_tiny
 from protogmm.cli import main
 from protogmm.training.datamodule import SSLDataModule
-from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
 
 # Synthetic, 4 classes, rho = 8 over 120 images: counts 64, 32, 16, 8. With thresholds
 # (0.4, 0.2) of the head class (many > 25.6, few < 12.8): many = {0, 1}, medium = {2},
@@ -32,26 +30,7 @@ LONG_TAILED = {
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("longtail") / "run"
-    L.seed_everything(0, verbose=False)
-    data = SSLDataModule(**LONG_TAILED)
-    model = PrototypicalSSL(
-        prototypes="joint",
-        in_channels=1,
-        image_size=16,
-        backbone_kwargs={"width": 8},
-        num_prototypes=32,
-        hidden_dim=32,
-        bottleneck_dim=16,
-    )
-    trainer = build_trainer(
-        root,
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, datamodule=data)
+    fit_tiny(root, TINY_MODEL | {"prototypes": "joint"}, SSLDataModule(**LONG_TAILED), devices=1)
     return root
 
 

@@ -6,14 +6,9 @@ import math
 
 import pytest
 import torch
+from references import softmax_row
 
 from protogmm.objectives import CARPLoss
-
-
-def _softmax(row: list[float]) -> list[float]:
-    top = max(row)
-    exps = [math.exp(x - top) for x in row]
-    return [e / sum(exps) for e in exps]
 
 
 def _block_probs(scores: torch.Tensor, blocks: list[list[int]], tau: float) -> list:
@@ -21,7 +16,7 @@ def _block_probs(scores: torch.Tensor, blocks: list[list[int]], tau: float) -> l
     return [
         [
             [
-                _softmax([scores[v, b, k].item() / tau for k in block])
+                softmax_row([scores[v, b, k].item() / tau for k in block])
                 for b in range(scores.shape[1])
             ]
             for block in blocks

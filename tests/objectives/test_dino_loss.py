@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import pytest
 import torch
+from references import log_softmax_row, softmax_row
 
 from protogmm.objectives import DINOLoss
-
-
-def _softmax_row(row: list[float]) -> list[float]:
-    top = max(row)
-    exps = [math.exp(x - top) for x in row]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
-def _log_softmax_row(row: list[float]) -> list[float]:
-    top = max(row)
-    log_total = top + math.log(sum(math.exp(x - top) for x in row))
-    return [x - log_total for x in row]
 
 
 def _reference_loss(student: torch.Tensor, targets: list[list[list[float]]], tau_s: float) -> float:
@@ -34,7 +21,7 @@ def _reference_loss(student: torch.Tensor, targets: list[list[list[float]]], tau
                 continue
             ce_sum = 0.0
             for b in range(batch):
-                logp = _log_softmax_row([x / tau_s for x in student[s, b].tolist()])
+                logp = log_softmax_row([x / tau_s for x in student[s, b].tolist()])
                 ce_sum += -sum(q * lp for q, lp in zip(target_view[b], logp, strict=True))
             total += ce_sum / batch
             pairs += 1
@@ -46,7 +33,7 @@ def _reference_targets(
 ) -> list[list[list[float]]]:
     return [
         [
-            _softmax_row([(x - c) / tau_t for x, c in zip(row.tolist(), center, strict=True)])
+            softmax_row([(x - c) / tau_t for x, c in zip(row.tolist(), center, strict=True)])
             for row in view
         ]
         for view in teacher

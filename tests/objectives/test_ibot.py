@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from references import log_softmax_row, softmax_row
 
 from protogmm.objectives import IBOTPatchLoss
-
-
-def _softmax(row: list[float]) -> list[float]:
-    top = max(row)
-    exps = [math.exp(x - top) for x in row]
-    return [e / sum(exps) for e in exps]
-
-
-def _log_softmax(row: list[float]) -> list[float]:
-    top = max(row)
-    log_total = top + math.log(sum(math.exp(x - top) for x in row))
-    return [x - log_total for x in row]
 
 
 def _reference(
@@ -44,13 +31,13 @@ def _reference(
             for i in range(num_patches):
                 if not masks[v, b, i]:
                     continue
-                target = _softmax(
+                target = softmax_row(
                     [
                         (t - c) / tau_t
                         for t, c in zip(teacher[v, b, i].tolist(), center, strict=True)
                     ]
                 )
-                log_p = _log_softmax([s / tau_s for s in student[v, b, i].tolist()])
+                log_p = log_softmax_row([s / tau_s for s in student[v, b, i].tolist()])
                 ce_sum += -sum(q * lp for q, lp in zip(target, log_p, strict=True))
                 count += 1
             image_total += ce_sum / max(1, count)

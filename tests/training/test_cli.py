@@ -3,46 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import TINY_FIT, fit_error_line, run_cli
 from protogmm.cli import main
 
-TINY_FIT = [
-    "--data.dataset",
-    "synthetic",
-    "--data.synthetic_samples",
-    "64",
-    "--data.synthetic_image_size",
-    "16",
-    "--data.batch_size",
-    "16",
-    "--model.num_prototypes",
-    "32",
-    "--model.hidden_dim",
-    "32",
-    "--model.bottleneck_dim",
-    "16",
-    "--model.backbone_kwargs",
-    "{width: 8}",
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-]
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "protogmm.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=900,  # the quick demo takes ~2 min alone; more on a loaded machine
-    )
+#: One epoch (4 steps).
+FIT_ARGS = [*TINY_FIT, "--trainer.max_epochs=1"]
 
 
 def test_unknown_key_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
@@ -70,19 +39,12 @@ def test_unknown_key_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
 def test_bad_values_are_one_line_errors_before_training(
     tmp_path: Path, args: list[str], culprit: str
 ) -> None:
-    result = run_cli(
-        "fit", *args, "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path
-    )
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert culprit in lines[0]
-    assert not (tmp_path / "run" / "metrics.csv").exists()
+    assert culprit in fit_error_line(tmp_path, *args)
 
 
 def test_fit_writes_a_run_directory_with_the_resolved_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("fit", *TINY_FIT, "--trainer.default_root_dir", str(run_dir), cwd=tmp_path)
+    result = run_cli("fit", *FIT_ARGS, "--trainer.default_root_dir", str(run_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in (
         "config.yaml",
@@ -116,18 +78,17 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
 
 def test_fit_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    first = run_cli("fit", *TINY_FIT, "--trainer.default_root_dir", str(run_dir), cwd=tmp_path)
+    first = run_cli("fit", *FIT_ARGS, "--trainer.default_root_dir", str(run_dir), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     # Checkpoints load with weights_only=True: only tensors and plain containers inside.
     import torch
 
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 0
-    args = list(TINY_FIT)
-    args[args.index("--trainer.max_epochs") + 1] = "2"
     resumed = run_cli(
         "fit",
-        *args,
+        *FIT_ARGS,
+        "--trainer.max_epochs=2",
         "--trainer.default_root_dir",
         str(run_dir),
         "--ckpt_path",

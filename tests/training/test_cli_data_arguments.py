@@ -2,52 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 from PIL import Image
 
 from protogmm.cli import main
 from protogmm.cli.data_arguments import command_parser, expand_data_shorthands, parse_command
-from protogmm.training.datamodule import SSLDataModule
-from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
 
 #: The tiny run's data: 64 synthetic 16 px images (the data-module default is 512).
 SYNTHETIC = ["--data.dataset", "synthetic", "--data.synthetic_samples", "64"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tiny_run: Callable[[str], Path]) -> Path:
     """The last checkpoint of one tiny decoupled run on synthetic 16 px images."""
-    root = tmp_path_factory.mktemp("run")
-    L.seed_everything(0, verbose=False)
-    data = SSLDataModule(
-        dataset="synthetic",
-        batch_size=16,
-        num_local_crops=0,
-        synthetic_samples=64,
-        synthetic_image_size=16,
-    )
-    model = PrototypicalSSL(
-        prototypes="decoupled",
-        in_channels=1,
-        image_size=16,
-        backbone_kwargs={"width": 8},
-        num_prototypes=32,
-        hidden_dim=32,
-        bottleneck_dim=16,
-    )
-    trainer = build_trainer(
-        root, max_epochs=1, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.fit(model, datamodule=data)
-    return root / "checkpoints" / "last.ckpt"
+    return tiny_run("decoupled") / "checkpoints" / "last.ckpt"
 
 
-def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+def whole_stderr_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """All that the command wrote on stderr, which must be one line."""
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
@@ -147,12 +123,12 @@ def test_bad_data_arguments_are_one_line_errors(
 ) -> None:
     for command in (["eval", "knn", str(checkpoint)], ["diagnose", str(checkpoint)]):
         assert main([*command, *args]) == 2, command[0]
-        line = one_error_line(capsys)
+        line = whole_stderr_line(capsys)
         assert line.startswith(f"protogmm {command[0]}: error:") and culprit in line, line
 
 
 def test_a_bad_command_line_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "knn"]) == 2
-    assert "checkpoint" in one_error_line(capsys)
+    assert "checkpoint" in whole_stderr_line(capsys)
     assert main(["eval", "kmeans", "x.ckpt"]) == 2
-    assert "invalid choice" in one_error_line(capsys)
+    assert "invalid choice" in whole_stderr_line(capsys)

@@ -2,48 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from protogmm.cli import main
-from protogmm.training.datamodule import SSLDataModule
-from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
-
-TINY = {
-    "backbone_kwargs": {"width": 8},
-    "num_prototypes": 32,
-    "hidden_dim": 32,
-    "bottleneck_dim": 16,
-}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tiny_run: Callable[[str], Path]) -> dict[str, Path]:
     """One tiny joint run and one tiny decoupled run on synthetic 16 px images."""
-    root = tmp_path_factory.mktemp("runs")
-    for kind in ("joint", "decoupled"):
-        L.seed_everything(0, verbose=False)
-        data = SSLDataModule(
-            dataset="synthetic",
-            batch_size=16,
-            num_local_crops=0,
-            synthetic_samples=64,
-            synthetic_image_size=16,
-        )
-        model = PrototypicalSSL(prototypes=kind, in_channels=1, image_size=16, **TINY)
-        trainer = build_trainer(
-            root / kind,
-            max_epochs=1,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(model, datamodule=data)
-    return {"joint": root / "joint", "decoupled": root / "decoupled"}
+    return {kind: tiny_run(kind) for kind in ("joint", "decoupled")}
 
 
 def test_run_report_embeds_the_plots(runs: dict[str, Path]) -> None:

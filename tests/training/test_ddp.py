@@ -28,12 +28,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from helpers import (
+    TINY_FIT,
+    TINY_MODEL,
+    TINY_SHAPES,
+    child_environment,
+    fit_tiny,
+    tiny_data,
+)
 from protogmm.objectives.balancing import sinkhorn_knopp
-from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.distributed import DistributedRun, synchronised_state
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteGuard, read_checkpoint
-from protogmm.training.runner import build_trainer
 
 WORLD = 2
 PER_RANK = 8  # images per rank and step
@@ -41,15 +47,10 @@ STEPS = 3
 #: One process vs two: summation order only (relative to 1 + |value|).
 FLOAT_TOLERANCE = 1e-5
 
-BATCH_NORM_FREE = {
+BATCH_NORM_FREE = TINY_SHAPES | {
     "backbone": "convnet",
     "backbone_kwargs": {"width": 8, "norm": "none"},
     "head_bn": False,
-    "num_prototypes": 32,
-    "hidden_dim": 32,
-    "bottleneck_dim": 16,
-    "in_channels": 1,
-    "image_size": 16,
     "lr": 0.001,
     "warmup_epochs": 0.0,
     "freeze_prototypes_epochs": 0.0,
@@ -72,13 +73,6 @@ VARIANTS = {
     "decoupled-reseed": {"prototypes": "decoupled", "gmm": {"reseed_min_share": 1.0}},
 }
 ALL_VARIANTS = VARIANTS
-TINY_DATA = {
-    "dataset": "synthetic",
-    "batch_size": PER_RANK,
-    "num_local_crops": 2,
-    "synthetic_samples": 64,
-    "synthetic_image_size": 16,
-}
 
 
 # ---------------------------------------------------------------------- shared by both sides
@@ -162,41 +156,17 @@ def state_of(model: PrototypicalSSL) -> dict[str, torch.Tensor]:
 def synthetic_fit(run_dir: Path, **kwargs: Any) -> tuple[PrototypicalSSL, L.Trainer]:
     """The real path: SSLDataModule, build_trainer's callbacks, two processes."""
     crash_at, ckpt = kwargs.pop("crash_at", None), kwargs.pop("ckpt", None)
-    L.seed_everything(0, verbose=False)
-    model = PrototypicalSSL(
-        backbone_kwargs={"width": 8},
-        num_prototypes=32,
-        hidden_dim=32,
-        bottleneck_dim=16,
-        in_channels=1,
-        image_size=16,
-        warmup_epochs=0.5,
-    )
-    callbacks = [CrashAtStep(crash_at)] if crash_at is not None else []
-    trainer = build_trainer(
+    return fit_tiny(
         run_dir,
-        accelerator="cpu",
+        TINY_MODEL | {"warmup_epochs": 0.5},
+        tiny_data(batch_size=PER_RANK),
+        ckpt_path=ckpt,
+        crash_at_step=crash_at,
         devices=WORLD,
         strategy="ddp",
         deterministic=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
         **kwargs,
     )
-    trainer.fit(model, datamodule=SSLDataModule(**TINY_DATA), ckpt_path=ckpt)
-    return model, trainer
-
-
-class CrashAtStep(L.Callback):
-    """Every rank raises at ``step`` (a killed job, seen from the next start)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 # ---------------------------------------------------------------------- the worker
@@ -260,7 +230,11 @@ def launch(out: Path, *scenarios: str, timeout: float = 420) -> None:
     log = out / "torchrun.log"
     with open(log, "w") as handle:
         process = subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=child_environment(),  # the workers import helpers
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             process.wait(timeout=timeout)
@@ -375,17 +349,10 @@ def test_the_run_path_under_ddp(two_ranks: Path) -> None:
 
 CLI_FIT = [
     "fit",
-    "--data.dataset=synthetic",
-    "--data.synthetic_samples=64",
-    "--data.synthetic_image_size=16",
+    *TINY_FIT,
     f"--data.batch_size={PER_RANK}",
-    "--model.num_prototypes=32",
-    "--model.hidden_dim=32",
-    "--model.bottleneck_dim=16",
-    "--model.backbone_kwargs={width: 8}",
     "--trainer.max_epochs=1",
     "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
 ]
 
 
@@ -394,7 +361,7 @@ def run_in_session(command: list[str], cwd: Path, timeout: float) -> subprocess.
     process = subprocess.Popen(
         command,
         cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # one thread per process, as torchrun sets
+        env=child_environment(),  # one thread per process, as torchrun sets
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -409,7 +376,17 @@ def run_in_session(command: list[str], cwd: Path, timeout: float) -> subprocess.
     return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
-def assert_two_process_run(run_dir: Path) -> None:
+def fit_on_two_processes(tmp_path: Path, launcher: list[str], *devices: str) -> None:
+    """``python -m LAUNCHER protogmm.cli fit ...`` with ``devices``: one epoch on two
+    processes, written into one run folder."""
+    run_dir = tmp_path / "run"
+    result = run_in_session(
+        [sys.executable, "-m", *launcher, "protogmm.cli", *CLI_FIT, *devices]
+        + [f"--trainer.default_root_dir={run_dir}"],
+        cwd=tmp_path,
+        timeout=420,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["protogmm_run"]["world_size"] == 2
     assert checkpoint["global_step"] == 64 // (2 * PER_RANK)  # one epoch of 2 x 8 images
@@ -418,45 +395,13 @@ def assert_two_process_run(run_dir: Path) -> None:
 
 
 def test_fit_on_two_processes_with_lightnings_launcher(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_in_session(
-        [
-            sys.executable,
-            "-m",
-            "protogmm.cli",
-            *CLI_FIT,
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-            f"--trainer.default_root_dir={run_dir}",
-        ],
-        cwd=tmp_path,
-        timeout=420,
-    )
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert_two_process_run(run_dir)
+    fit_on_two_processes(tmp_path, [], "--trainer.devices=2", "--trainer.strategy=ddp")
 
 
 @pytest.mark.slow
 def test_fit_under_torchrun(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_in_session(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "protogmm.cli",
-            *CLI_FIT,
-            "--trainer.devices=auto",  # torchrun's --nproc_per_node
-            f"--trainer.default_root_dir={run_dir}",
-        ],
-        cwd=tmp_path,
-        timeout=420,
-    )
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert_two_process_run(run_dir)
+    torchrun = ["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    fit_on_two_processes(tmp_path, torchrun, "--trainer.devices=auto")  # --nproc_per_node's
 
 
 @pytest.mark.slow

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
+from helpers import TINY_SHAPES, fit_tiny, tiny_data
 from protogmm.cli import main
 from protogmm.diagnostics import load_prototypes, unique_prototype_curve
 from protogmm.training.checkpoints import load_module
-from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.export import export_module, load_exported_backbone, prototypes_path
-from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
 
 pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
@@ -23,31 +20,12 @@ from safetensors.torch import load_file  # noqa: E402
 
 
 def tiny_checkpoint(run_dir: Path, **model: object) -> Path:
-    L.seed_everything(0, verbose=False)
-    data = SSLDataModule(
-        dataset="synthetic",
-        batch_size=16,
-        num_local_crops=0,
-        synthetic_samples=64,
-        synthetic_image_size=16,
-    )
-    module = PrototypicalSSL(
-        in_channels=1,
-        image_size=16,
-        num_prototypes=32,
-        hidden_dim=32,
-        bottleneck_dim=16,
-        gmm={"init_samples": 0},
-        **model,
-    )
-    trainer = build_trainer(
+    """The last checkpoint of a tiny run (mixture initialised on the first batch)."""
+    fit_tiny(
         run_dir,
-        max_epochs=1,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        TINY_SHAPES | {"gmm": {"init_samples": 0}} | model,
+        tiny_data(num_local_crops=0),
     )
-    trainer.fit(module, datamodule=data)
     return run_dir / "checkpoints" / "last.ckpt"
 
 

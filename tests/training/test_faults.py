@@ -8,7 +8,6 @@ SIGKILL there, and resumes the run from what is left on disk.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -24,9 +23,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from helpers import TINY_FIT, TINY_MODEL, child_environment, logged, tiny_data
 from protogmm.cli import main
 from protogmm.training.checkpoints import load_module
-from protogmm.training.datamodule import SSLDataModule, datamodule_from_checkpoint
+from protogmm.training.datamodule import datamodule_from_checkpoint
 from protogmm.training.distributed import check_launch
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import (
@@ -38,35 +38,8 @@ from protogmm.training.reliability import (
 )
 from protogmm.training.runner import run_logger
 
-TINY_MODEL = {
-    "backbone": "convnet",
-    "backbone_kwargs": {"width": 8},
-    "num_prototypes": 32,
-    "hidden_dim": 32,
-    "bottleneck_dim": 16,
-    "warmup_epochs": 0.5,
-    "in_channels": 1,
-    "image_size": 16,
-}
-TINY_DATA = {
-    "dataset": "synthetic",
-    "batch_size": 16,
-    "num_local_crops": 2,
-    "synthetic_samples": 64,
-    "synthetic_image_size": 16,
-}
-TINY_FIT = [
-    "--data.dataset=synthetic",
-    "--data.synthetic_samples=64",
-    "--data.synthetic_image_size=16",
-    "--data.batch_size=16",
-    "--model.num_prototypes=32",
-    "--model.hidden_dim=32",
-    "--model.bottleneck_dim=16",
-    "--model.backbone_kwargs={width: 8}",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
+#: The tiny model with a half-epoch warm-up.
+MODEL = TINY_MODEL | {"warmup_epochs": 0.5}
 HERE = Path(__file__).parent
 
 
@@ -156,12 +129,10 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resumes(
         "--trainer.max_epochs=2",
         "--checkpoint_every_n_steps=2",
     ]
-    env = dict(os.environ)
+    env = child_environment(HERE)  # the child imports this file for the writer below
     env.update(
-        PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]),
         PROTOGMM_TEST_PAUSE_ON_SAVE="2",  # step 2's last.ckpt is whole; step 4's is cut
         PROTOGMM_TEST_PAUSE_MARKER=str(marker),
-        OMP_NUM_THREADS="1",  # as the one_thread fixture
     )
     child = subprocess.Popen(
         [
@@ -244,7 +215,7 @@ def guarded_fit(
 ) -> tuple[PrototypicalSSL, L.Trainer, NonFiniteGuard]:
     """Two epochs with the guard and a last.ckpt every few steps (no monitors, for speed)."""
     L.seed_everything(0, verbose=False)
-    model = model or PrototypicalSSL(**TINY_MODEL)
+    model = model or PrototypicalSSL(**MODEL)
     guard = NonFiniteGuard(action, max_consecutive_skips=max_consecutive_skips)
     trainer = L.Trainer(
         default_root_dir=run_dir,
@@ -263,7 +234,7 @@ def guarded_fit(
             ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every),
         ],
     )
-    trainer.fit(model, datamodule=SSLDataModule(**TINY_DATA))
+    trainer.fit(model, datamodule=tiny_data())
     return model, trainer, guard
 
 
@@ -303,9 +274,7 @@ def test_nan_input_with_skip_trains_nothing_on_that_step_and_counts_it(tmp_path:
     assert_unchanged(snapshots.states[5], snapshots.states[6], ("param.", "buffer.", "optimizer."))
     assert not torch.equal(snapshots.states[6]["buffer.gmm.mean"], model.gmm.mean)
     assert_finite_checkpoint(tmp_path / "checkpoints" / "last.ckpt", global_step=8)
-    with open(tmp_path / "metrics.csv") as handle:
-        counts = [row["guard/skipped_steps"] for row in csv.DictReader(handle)]
-    assert [float(c) for c in counts if c][-1] == 1.0
+    assert logged(tmp_path, "guard/skipped_steps")[-1][1] == 1.0
     saved = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["callbacks"]
     assert {"skipped_steps": [5]} in saved.values()
 
@@ -324,7 +293,7 @@ def nan_loss_at(model: PrototypicalSSL, step: int) -> PrototypicalSSL:
 
 @pytest.mark.parametrize("action", ["stop", "skip"])
 def test_a_nan_loss_stops_or_is_skipped(tmp_path: Path, action: str) -> None:
-    model = nan_loss_at(PrototypicalSSL(**TINY_MODEL), step=3)
+    model = nan_loss_at(PrototypicalSSL(**MODEL), step=3)
     if action == "stop":
         with pytest.raises(NonFiniteError, match=r"^step 3: non-finite loss \(loss: 1 NaN"):
             guarded_fit(tmp_path, action, model=model)
@@ -340,7 +309,7 @@ def test_a_nan_loss_stops_or_is_skipped(tmp_path: Path, action: str) -> None:
 
 
 def test_a_nonfinite_mixture_statistic_stops_even_when_skipping(tmp_path: Path) -> None:
-    model = PrototypicalSSL(**TINY_MODEL)
+    model = PrototypicalSSL(**MODEL)
     update = model.gmm.update
 
     def corrupting_update(h: torch.Tensor) -> torch.Tensor:
@@ -370,7 +339,7 @@ class PoisonTeacher(L.Callback):
 
 
 def test_nonfinite_teacher_embeddings_stop_before_they_reach_the_mixture(tmp_path: Path) -> None:
-    model = PrototypicalSSL(**TINY_MODEL)
+    model = PrototypicalSSL(**MODEL)
     with pytest.raises(NonFiniteError, match=r"^step 3: non-finite teacher embeddings"):
         guarded_fit(tmp_path, "skip", callbacks=(PoisonTeacher(3),), model=model)
     assert model.gmm.step == 3  # the mixture never saw step 3's embeddings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -10,54 +9,35 @@ import lightning as L
 import pytest
 import torch
 
+from helpers import (
+    HALF_EPOCH_WARMUP,
+    STEP_BY_STEP,
+    TINY_CONVNET,
+    TINY_SHAPES,
+    TINY_VIT,
+    fit_tiny,
+    logged,
+    one_step,
+    training_batch,
+)
 from protogmm.prototypes.koleo import koleo_proto_loss
-from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
 
-TINY_VIT = {
-    "backbone": "vit",
-    "backbone_kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2},
-    "head_bn": False,
-}
-TINY = {
-    "num_prototypes": 32,
-    "hidden_dim": 32,
-    "bottleneck_dim": 16,
-    "warmup_epochs": 0.5,
-    "freeze_prototypes_epochs": 0.5,
-    "carp_block_size": 8,
-    "ibot_mask_probability": 1.0,
-}
-TINY_CONVNET = {"backbone": "convnet", "backbone_kwargs": {"width": 8}}
+#: The tiny model without its backbone (the host picks it), a half-epoch warm-up, CARP's
+#: blocks of 8 of the 32 prototypes, iBOT masking every patch.
+MODEL = TINY_SHAPES | HALF_EPOCH_WARMUP | {"carp_block_size": 8, "ibot_mask_probability": 1.0}
+#: The step of the schedules a step outside a trainer takes: past the prototype freeze.
+STEP = 5
 
 
-def tiny_model(host: str, kind: str, **kwargs: object) -> PrototypicalSSL:
+def host_options(host: str, kind: str, **kwargs: object) -> dict[str, object]:
+    """The tiny model for ``host``: a one-block ViT for iBOT (patch tokens), else the ConvNet."""
     backbone = TINY_VIT if host == "ibot" else TINY_CONVNET
-    return PrototypicalSSL(
-        host=host, prototypes=kind, in_channels=1, image_size=16, **(TINY | backbone | kwargs)
-    )
+    return MODEL | backbone | {"host": host, "prototypes": kind} | kwargs
 
 
-def tiny_data() -> SSLDataModule:
-    return SSLDataModule(
-        dataset="synthetic",
-        batch_size=16,
-        num_local_crops=2,
-        synthetic_samples=64,
-        synthetic_image_size=16,
-    )
-
-
-class CrashAtStep(L.Callback):
-    """Simulates a killed job when the run reaches ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
+def host_model(host: str, kind: str, **kwargs: object) -> PrototypicalSSL:
+    return PrototypicalSSL(**host_options(host, kind, **kwargs))
 
 
 def fit(
@@ -69,46 +49,14 @@ def fit(
     crash_at_step: int | None = None,
     **kw: object,
 ) -> tuple[PrototypicalSSL, L.Trainer]:
-    L.seed_everything(0, verbose=False)
-    model = tiny_model(host, kind, **kw)
-    trainer = build_trainer(
+    return fit_tiny(
         tmp_path,
+        host_options(host, kind, **kw),
+        ckpt_path=ckpt_path,
+        crash_at_step=crash_at_step,
         max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        dense_every_n_steps=2,
-        callbacks=[CrashAtStep(crash_at_step)] if crash_at_step is not None else [],
+        **STEP_BY_STEP,
     )
-    trainer.fit(model, datamodule=tiny_data(), ckpt_path=ckpt_path)
-    return model, trainer
-
-
-def logged(run_dir: Path, column: str) -> list[tuple[int, float]]:
-    with open(run_dir / "metrics.csv") as handle:
-        return [
-            (int(row["step"]), float(row[column]))
-            for row in csv.DictReader(handle)
-            if row.get(column)
-        ]
-
-
-def batch(size: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
-    data = tiny_data()
-    data.setup("fit")
-    return next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=size)))
-
-
-def one_step(model: PrototypicalSSL, step_batch: tuple | None = None) -> torch.Tensor:
-    """One training step outside a trainer (logging and the trainer's clock stubbed)."""
-    model._current_schedule = lambda: model.schedule_at(5, 10, 5)  # past the freeze
-    model.log_dict = lambda *args, **kwargs: None
-    model.log = lambda *args, **kwargs: None
-    loss = model.training_step(step_batch or batch(), 0)
-    loss.backward()
-    return loss
 
 
 # ---------------------------------------------------------------- every host trains
@@ -182,8 +130,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, host: str) -> N
 )
 def test_decoupled_variants_take_a_finite_step(host: str, extra: dict) -> None:
     L.seed_everything(0, verbose=False)
-    model = tiny_model(host, "decoupled", **extra)
-    loss = one_step(model)
+    model = host_model(host, "decoupled", **extra)
+    loss = one_step(model, step=STEP)
     assert math.isfinite(loss.item())
     assert model.gmm.step == 1
     if extra.get("ibot_patch_prototypes") == "shared":
@@ -195,8 +143,8 @@ def test_decoupled_variants_take_a_finite_step(host: str, extra: dict) -> None:
 @pytest.mark.parametrize("kind", ["joint", "decoupled"])
 def test_ibot_gradients_reach_the_mask_token_and_the_student_only(kind: str) -> None:
     L.seed_everything(0, verbose=False)
-    model = tiny_model("ibot", kind)
-    one_step(model)
+    model = host_model("ibot", kind)
+    one_step(model, step=STEP)
     assert model.student["backbone"].mask_token.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.teacher.parameters())
     if kind == "joint":
@@ -210,10 +158,10 @@ def test_ibot_gradients_reach_the_mask_token_and_the_student_only(kind: str) -> 
 
 def test_ibot_patch_loss_in_the_step_equals_the_objective_on_the_same_tensors() -> None:
     L.seed_everything(0, verbose=False)
-    model = tiny_model("ibot", "joint", ibot_patch_weight=0.0)
-    twin = tiny_model("ibot", "joint")
+    model = host_model("ibot", "joint", ibot_patch_weight=0.0)
+    twin = host_model("ibot", "joint")
     twin.load_state_dict(model.state_dict())
-    step_batch = batch()
+    step_batch = training_batch()
     views = step_batch[0]
     # The same masks in both (a function of seed, rank and step): the difference of the two
     # losses is the patch loss, computed here independently from the same embeddings.
@@ -237,28 +185,28 @@ def test_ibot_patch_loss_in_the_step_equals_the_objective_on_the_same_tensors() 
             0, masks.flatten(1).nonzero()[:, 0], per_token
         ) / counts.clamp_min(1)
         expected = per_image.view(2, -1).mean(1).mean().item()
-    with_patch = one_step(twin, step_batch).item()
-    without_patch = one_step(model, step_batch).item()
+    with_patch = one_step(twin, step_batch, step=STEP).item()
+    without_patch = one_step(model, step_batch, step=STEP).item()
     assert with_patch - without_patch == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
 def test_ibot_patch_gmm_sees_a_bounded_seeded_subset() -> None:
-    model = tiny_model("ibot", "decoupled", ibot_patch_gmm_samples=30)
+    model = host_model("ibot", "decoupled", ibot_patch_gmm_samples=30)
     patches = torch.randn(8, 16, 16)
     first, again = model.sample_patches(patches), model.sample_patches(patches)
     assert first.shape == (30, 16) and torch.equal(first, again)
     rows = {tuple(row.tolist()) for row in patches.flatten(0, 1)}
     assert all(tuple(row.tolist()) in rows for row in first)
     assert len({tuple(row.tolist()) for row in first}) == 30  # without replacement
-    other = tiny_model("ibot", "decoupled", ibot_patch_gmm_samples=30, host_seed=1)
+    other = host_model("ibot", "decoupled", ibot_patch_gmm_samples=30, host_seed=1)
     assert not torch.equal(other.sample_patches(patches), first)
     assert model.sample_patches(patches[:1]).shape == (16, 16)  # fewer than the bound: all
 
 
 def test_step_seeds_differ_by_purpose_seed_and_step() -> None:
-    model = tiny_model("ibot", "joint")
+    model = host_model("ibot", "joint")
     seeds = {model.step_seed("ibot-mask"), model.step_seed("ibot-patch-subset")}
-    seeds.add(tiny_model("ibot", "joint", host_seed=7).step_seed("ibot-mask"))
+    seeds.add(host_model("ibot", "joint", host_seed=7).step_seed("ibot-mask"))
     assert len(seeds) == 3
     masks = model.ibot_masks(16)
     assert masks.shape == (16, 4, 4) and masks.any()
@@ -268,7 +216,7 @@ def test_step_seeds_differ_by_purpose_seed_and_step() -> None:
 def test_diagnose_reads_the_separate_patch_prototypes(tmp_path: Path, kind: str) -> None:
     from protogmm.diagnostics import load_prototypes
 
-    model = tiny_model("ibot", kind, ibot_num_patch_prototypes=24)
+    model = host_model("ibot", kind, ibot_num_patch_prototypes=24)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "run.ckpt")
     shapes = {name: tuple(m.shape) for name, m in load_prototypes(tmp_path / "run.ckpt").items()}
     if kind == "joint":
@@ -281,11 +229,14 @@ def test_diagnose_reads_the_separate_patch_prototypes(tmp_path: Path, kind: str)
 # ---------------------------------------------------------------- KoLeo-proto
 def test_koleo_adds_its_weighted_formula_to_the_host_loss() -> None:
     L.seed_everything(0, verbose=False)
-    plain = tiny_model("carp", "joint")
-    regularised = tiny_model("carp", "joint", koleo_weight=0.5)
+    plain = host_model("carp", "joint")
+    regularised = host_model("carp", "joint", koleo_weight=0.5)
     regularised.load_state_dict(plain.state_dict())
-    step_batch = batch()
-    difference = one_step(regularised, step_batch).item() - one_step(plain, step_batch).item()
+    step_batch = training_batch()
+    difference = (
+        one_step(regularised, step_batch, step=STEP).item()
+        - one_step(plain, step_batch, step=STEP).item()
+    )
     # Reference: -(1/K) sum_k log min_j ||c_k - c_j|| on the normalised rows, float64.
     c = torch.nn.functional.normalize(plain.student["prototypes"].weight.detach().double(), dim=1)
     distances = torch.cdist(c, c) + torch.diag(torch.full((len(c),), math.inf))
@@ -296,7 +247,7 @@ def test_koleo_adds_its_weighted_formula_to_the_host_loss() -> None:
 
 def test_koleo_gradient_pushes_the_nearest_learned_prototypes_apart() -> None:
     L.seed_everything(0, verbose=False)
-    model = tiny_model("carp", "joint", koleo_weight=1.0, carp_entropy_weight=0.0)
+    model = host_model("carp", "joint", koleo_weight=1.0, carp_entropy_weight=0.0)
     weight = model.student["prototypes"].weight
     with torch.no_grad():
         weight[1] = weight[0] + 0.01 * torch.randn_like(weight[0])  # a near-duplicate pair
@@ -316,9 +267,9 @@ def test_koleo_gradient_pushes_the_nearest_learned_prototypes_apart() -> None:
 
 def test_ibot_joint_koleo_regularises_both_sets() -> None:
     L.seed_everything(0, verbose=False)
-    model = tiny_model("ibot", "joint", koleo_weight=1.0)
+    model = host_model("ibot", "joint", koleo_weight=1.0)
     assert len(model.learned_prototype_sets()) == 2
-    one_step(model)
+    one_step(model, step=STEP)
     assert model.student["patch"]["prototypes"].weight.grad.abs().sum() > 0
 
 
@@ -347,5 +298,5 @@ def test_bad_host_config_names_the_key(host: str, kwargs: dict, culprit: str) ->
     kind = kwargs.pop("prototypes", "decoupled")
     host = kwargs.pop("host", host)
     with pytest.raises(ValueError, match=culprit.replace(".", r"\.")) as error:
-        tiny_model(host, kind, **kwargs)
+        host_model(host, kind, **kwargs)
     assert "\n" not in str(error.value)

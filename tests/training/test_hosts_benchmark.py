@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +10,14 @@ import torch
 
 from benchmarks import _common as common
 from benchmarks import hosts
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import REPO_ROOT, run_benchmark
 
 
 @pytest.mark.slow  # nine one-epoch runs with the k-NN monitor on MNIST-5k (minutes on 2 cores)
 def test_quick_mode_trains_every_host_and_kind_and_prints_the_section(tmp_path: Path) -> None:
-    before = (ROOT / "BENCHMARKS.md").read_text()
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hosts", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        cwd=tmp_path,
-        env=common.package_environment(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    section = result.stdout[result.stdout.index("### Joint vs decoupled vs joint + KoLeo") :]
+    before = (REPO_ROOT / "BENCHMARKS.md").read_text()
+    out = run_benchmark("hosts", "--quick", "--out", str(tmp_path), cwd=tmp_path, timeout=1800)
+    section = out[out.index("### Joint vs decoupled vs joint + KoLeo") :]
     for host in ("dino", "ibot", "carp"):
         for kind in ("joint", "decoupled", "joint + KoLeo-proto 0.1"):
             assert f"| {host} | {kind} |" in section, (host, kind)
@@ -37,7 +26,7 @@ def test_quick_mode_trains_every_host_and_kind_and_prints_the_section(tmp_path: 
     ibot_rows = [line for line in section.splitlines() if line.startswith("| ibot |")]
     assert all(line.split(" | ")[7].count("/") == 3 for line in ibot_rows)  # patch unique %
     # --quick never rewrites the measured numbers.
-    assert (ROOT / "BENCHMARKS.md").read_text() == before
+    assert (REPO_ROOT / "BENCHMARKS.md").read_text() == before
 
 
 def fake_summary() -> dict[str, Any]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import fit_error_line, run_cli
 from protogmm import cli
 from protogmm.cli import CONFIG_DIR, HOST_PRESETS, main
 from protogmm.training.module import PrototypicalSSL
@@ -34,17 +32,6 @@ def test_each_host_config_builds_its_model_and_matches_the_demo_preset(
     merged = model_section("default.yaml") | config
     model = PrototypicalSSL(**merged, in_channels=1, image_size=28)
     assert model.hparams.host == host and (model.gmm is None) == (kind == "joint")
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "protogmm.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # tiny runs: one thread is faster here
-    )
 
 
 def test_fit_with_the_ibot_config_runs(tmp_path: Path) -> None:
@@ -91,14 +78,7 @@ def test_fit_with_the_ibot_config_runs(tmp_path: Path) -> None:
 def test_bad_host_options_are_one_line_errors_before_training(
     tmp_path: Path, args: list[str], culprit: str
 ) -> None:
-    result = run_cli(
-        "fit", *args, "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path
-    )
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert culprit in lines[0]
-    assert not (tmp_path / "run" / "metrics.csv").exists()
+    assert culprit in fit_error_line(tmp_path, *args)
 
 
 @pytest.mark.slow  # two short ViT runs with the k-NN monitor on MNIST-5k (~1 minute)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -11,48 +10,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import (
+    HALF_EPOCH_WARMUP,
+    STEP_BY_STEP,
+    TINY_MODEL,
+    TINY_VIT,
+    fit_tiny,
+    logged,
+    one_step,
+    tiny_data,
+    training_batch,
+)
 from protogmm.objectives import DINOLoss
 from protogmm.objectives.balancing import sinkhorn_knopp
-from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
 
-TINY_MODEL = {
-    "backbone": "convnet",
-    "backbone_kwargs": {"width": 8},
-    "num_prototypes": 32,
-    "hidden_dim": 32,
-    "bottleneck_dim": 16,
-    "warmup_epochs": 0.5,
-    "freeze_prototypes_epochs": 0.5,
-    "teacher_temperature_warmup_epochs": 1.0,
-}
-
-
-def tiny_data(**kwargs: object) -> SSLDataModule:
-    args = {
-        "dataset": "synthetic",
-        "batch_size": 16,
-        "num_local_crops": 2,
-        "synthetic_samples": 64,
-        "synthetic_image_size": 16,
-    }
-    return SSLDataModule(**(args | kwargs))
+#: The tiny model, a half-epoch warm-up, and the teacher temperature's over one epoch.
+MODEL = TINY_MODEL | HALF_EPOCH_WARMUP | {"teacher_temperature_warmup_epochs": 1.0}
 
 
 def tiny_model(kind: str, **kwargs: object) -> PrototypicalSSL:
-    return PrototypicalSSL(prototypes=kind, in_channels=1, image_size=16, **(TINY_MODEL | kwargs))
-
-
-class CrashAtStep(L.Callback):
-    """Simulates a crash (e.g. a killed job) when the run reaches ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
+    return PrototypicalSSL(prototypes=kind, **(MODEL | kwargs))
 
 
 def fit(
@@ -65,39 +43,23 @@ def fit(
     max_steps: int = -1,
     **model_kwargs: object,
 ) -> tuple[PrototypicalSSL, L.Trainer]:
-    L.seed_everything(0, verbose=False)
-    model = tiny_model(kind, **model_kwargs)
-    crash = [CrashAtStep(crash_at_step)] if crash_at_step is not None else []
-    trainer = build_trainer(
+    return fit_tiny(
         tmp_path,
+        MODEL | {"prototypes": kind} | model_kwargs,
+        ckpt_path=ckpt_path,
+        crash_at_step=crash_at_step,
+        callbacks=callbacks,
         max_epochs=epochs,
         max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        dense_every_n_steps=2,
-        callbacks=[*crash, *callbacks],
+        **STEP_BY_STEP,
     )
-    trainer.fit(model, datamodule=tiny_data(), ckpt_path=ckpt_path)
-    return model, trainer
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    with open(run_dir / "metrics.csv") as handle:
-        return [
-            (int(row["step"]), float(row["train/loss"]))
-            for row in csv.DictReader(handle)
-            if row.get("train/loss")
-        ]
 
 
 @pytest.mark.parametrize("kind", ["joint", "decoupled"])
 def test_trains_and_writes_the_run_directory(tmp_path: Path, kind: str) -> None:
     model, trainer = fit(tmp_path, kind)
     assert trainer.global_step == 8  # 64 samples / batch 16 x 2 epochs
-    recorded = losses(tmp_path)
+    recorded = logged(tmp_path, "train/loss")
     assert len(recorded) == 8 and all(math.isfinite(loss) for _, loss in recorded)
     for name in (
         "metrics.csv",
@@ -119,19 +81,6 @@ def test_trains_and_writes_the_run_directory(tmp_path: Path, kind: str) -> None:
     assert "best-knn" in " ".join(p.name for p in (tmp_path / "checkpoints").iterdir())
 
 
-def one_step_outside_a_trainer(model: PrototypicalSSL) -> torch.Tensor:
-    """One training step on a synthetic batch, with logging and the trainer's clock stubbed."""
-    data = tiny_data()
-    data.setup("fit")
-    views, labels = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=8)))
-    model._current_schedule = lambda: model.schedule_at(0, 10, 5)
-    model.log_dict = lambda *args, **kwargs: None
-    model.log = lambda *args, **kwargs: None
-    loss = model.training_step((views, labels), 0)
-    loss.backward()
-    return loss
-
-
 def optimised_parameters(model: PrototypicalSSL) -> set[int]:
     optimizer = model.configure_optimizers()
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -142,7 +91,7 @@ def test_decoupled_gmm_changes_gets_no_gradient_and_is_not_optimised() -> None:
     # init_samples=0: initialised on the first batch (by default it waits for K rows).
     model = tiny_model("decoupled", gmm={"init_samples": 0})
     before = {k: v.clone() for k, v in model.gmm.state_dict().items()}
-    one_step_outside_a_trainer(model)
+    one_step(model)
     assert not torch.equal(model.gmm.mean, before["mean"])
     assert model.gmm.step == 1
     assert list(model.gmm.parameters()) == []
@@ -155,7 +104,7 @@ def test_decoupled_gmm_changes_gets_no_gradient_and_is_not_optimised() -> None:
 def test_joint_prototypes_get_gradients_and_teacher_none() -> None:
     L.seed_everything(0, verbose=False)
     model = tiny_model("joint")
-    one_step_outside_a_trainer(model)
+    one_step(model)
     assert model.student["prototypes"].weight.grad is not None
     assert model.student["prototypes"].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.teacher.parameters())
@@ -208,8 +157,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, kind: str) -> N
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
     resumed_model, _ = fit(tmp_path / "resumed", kind, epochs=3, ckpt_path=str(checkpoint))
-    full_losses = dict(losses(tmp_path / "full"))
-    resumed_losses = dict(losses(tmp_path / "resumed"))
+    full_losses = dict(logged(tmp_path / "full", "train/loss"))
+    resumed_losses = dict(logged(tmp_path / "resumed", "train/loss"))
     assert sorted(resumed_losses) == [s for s in sorted(full_losses) if s >= 4]
     for step, loss in resumed_losses.items():
         assert loss == pytest.approx(full_losses[step], abs=1e-6), step
@@ -281,9 +230,7 @@ def test_posterior_targets_warn_without_balancing_only() -> None:
 
 
 def teacher_embeddings_and_views(model: PrototypicalSSL) -> tuple[list[torch.Tensor], torch.Tensor]:
-    data = tiny_data()
-    data.setup("fit")
-    views, _ = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=8)))
+    views, _ = training_batch()
     with torch.no_grad():
         teacher = model.embed(model.teacher, views[:2])
     return views, teacher
@@ -325,7 +272,7 @@ def test_the_clustering_loss_trains_only_the_clustering_layer() -> None:
     # And the encoder's loss never reaches the clustering layer: a full step's gradient of
     # the clustering layer is the clustering loss's alone.
     model.zero_grad(set_to_none=True)
-    one_step_outside_a_trainer(model)
+    one_step(model)
     assert model.student["prototypes"].weight.grad is not None
     assert any(p.grad is not None for p in model.student["backbone"].parameters())
     assert all(p.grad is None for p in model.teacher.parameters())
@@ -362,14 +309,7 @@ def test_partial_is_refused_outside_dino_naming_both_keys(host: str) -> None:
     ("host", "extra"),
     [
         ("dino", {}),
-        (
-            "ibot",
-            {
-                "backbone": "vit",
-                "backbone_kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2},
-                "head_bn": False,
-            },
-        ),
+        ("ibot", TINY_VIT),
         ("carp", {"carp_block_size": 8}),
     ],
 )

@@ -3,31 +3,20 @@ budget (else one log line), the collapse monitor on rank 0 at a period growing w
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 
+from helpers import TINY_FIT, TINY_MODEL, fit_tiny, metric_rows, tiny_data
 from protogmm.training.callbacks import CollapseMonitor, KNNMonitor
 from protogmm.training.datamodule import SSLDataModule
-from protogmm.training.module import PrototypicalSSL
-from protogmm.training.runner import build_trainer
-
-TINY = {"backbone_kwargs": {"width": 8}, "num_prototypes": 32, "hidden_dim": 32}
 
 
 def synthetic(**kwargs: object) -> SSLDataModule:
-    args = {
-        "dataset": "synthetic",
-        "batch_size": 16,
-        "num_local_crops": 0,
-        "synthetic_samples": 96,
-        "synthetic_image_size": 16,
-    }
-    return SSLDataModule(**(args | kwargs))
+    """96 synthetic 16 px images without local crops (48 held out)."""
+    return tiny_data(**({"num_local_crops": 0, "synthetic_samples": 96} | kwargs))
 
 
 def test_the_knn_bank_is_a_bounded_seeded_subset() -> None:
@@ -48,18 +37,8 @@ def test_a_baseline_over_the_memory_budget_is_skipped_with_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 144 images: pixels 144 x 256 floats = 0.14 MB; the ConvNet's features 144 x 32.
-    L.seed_everything(0, verbose=False)
-    model = PrototypicalSSL(in_channels=1, image_size=16, **TINY)
-    trainer = build_trainer(
-        tmp_path / "run",
-        baseline_memory_mb=0.1,
-        max_epochs=1,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     with caplog.at_level(logging.WARNING, logger="protogmm"):
-        trainer.fit(model, datamodule=synthetic())
+        _, trainer = fit_tiny(tmp_path / "run", TINY_MODEL, synthetic(), baseline_memory_mb=0.1)
     monitor = next(c for c in trainer.callbacks if isinstance(c, KNNMonitor))
     assert "knn/untrained" in monitor.baselines and "knn/pixels" not in monitor.baselines
     lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -107,26 +86,14 @@ def test_fit_takes_the_monitor_options_and_checks_them(
 ) -> None:
     from protogmm.cli import main
 
-    tiny = [
-        "--data.dataset=synthetic",
-        "--data.synthetic_samples=64",
-        "--data.synthetic_image_size=16",
-        "--data.batch_size=16",
-        "--data.num_local_crops=0",
-        "--model.num_prototypes=32",
-        "--model.hidden_dim=32",
-        "--model.backbone_kwargs={width: 8}",
-        "--trainer.max_epochs=2",
-        "--trainer.enable_progress_bar=false",
-    ]
+    tiny = [*TINY_FIT, "--data.num_local_crops=0", "--trainer.max_epochs=2"]
     run_dir = tmp_path / "run"
     bad = ["fit", *tiny, f"--trainer.default_root_dir={run_dir}", "--knn_every_n_epochs=0"]
     assert main(bad) == 2
     assert "knn_every_n_epochs" in capsys.readouterr().err
     good = ["fit", *tiny, f"--trainer.default_root_dir={run_dir}", "--knn_every_n_epochs=2"]
     assert main([*good, "--baseline_memory_mb=0.01", "--dense_every_n_steps=3"]) == 0
-    with open(run_dir / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = metric_rows(run_dir)
     assert [row["step"] for row in rows if row.get("knn/top1")] == ["7"]  # epoch 1's end
     assert "knn/pixels" not in rows[0] and "knn/untrained" not in rows[0]  # over 0.01 MB
     best = [path.name for path in (run_dir / "checkpoints").glob("best-knn-*")]

@@ -14,28 +14,14 @@ import lightning as L
 import pytest
 import torch
 
+from helpers import TINY_MODEL, TINY_VIT, tiny_data, training_batch, without_a_trainer
 from protogmm.objectives import DINOLoss
 from protogmm.prototypes import OnlineGMM
-from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteGuard
 
-TINY_MODEL = {
-    "backbone": "convnet",
-    "backbone_kwargs": {"width": 8},
-    "num_prototypes": 32,
-    "hidden_dim": 32,
-    "bottleneck_dim": 16,
-    "in_channels": 1,
-    "image_size": 16,
-}
-TINY_DATA = {
-    "dataset": "synthetic",
-    "batch_size": 8,
-    "num_local_crops": 2,
-    "synthetic_samples": 20,  # 2 steps of 8 (the held-out half needs >= 10)
-    "synthetic_image_size": 16,
-}
+#: 2 steps of 8 (the held-out half needs >= 10 images).
+DATA = {"batch_size": 8, "synthetic_samples": 20}
 
 
 def bf16_autocast() -> torch.autocast:
@@ -77,13 +63,6 @@ def test_the_dino_softmaxes_run_in_float32_under_autocast() -> None:
     assert torch.equal(loss, DINOLoss(32)(student.float(), teacher_probs=reference_targets))
 
 
-TINY_VIT = {
-    "backbone": "vit",
-    "backbone_kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2},
-    "head_bn": False,
-}
-
-
 @pytest.mark.parametrize(
     ("host", "kind", "extra"),
     [
@@ -94,18 +73,13 @@ TINY_VIT = {
     ],
 )
 def test_a_bf16_training_step_matches_float32(host: str, kind: str, extra: dict) -> None:
-    data = SSLDataModule(**TINY_DATA)
-    data.setup("fit")
-    views, labels = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=8)))
+    views, labels = training_batch(**DATA)
     torch.manual_seed(0)
     model = PrototypicalSSL(host=host, prototypes=kind, **(TINY_MODEL | extra))
     if model.gmm is not None:  # fitted already: the step is an online update, not a seeding
         model.gmm.update(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)))
-    model._current_schedule = lambda: model.schedule_at(0, 10, 5)
-    model.log_dict = lambda *args, **kwargs: None
-    model.log = lambda *args, **kwargs: None
-    bf16_model = copy.deepcopy(model)
-    bf16_model._current_schedule = lambda: bf16_model.schedule_at(0, 10, 5)
+    bf16_model = without_a_trainer(copy.deepcopy(model))
+    without_a_trainer(model)
     full = model.training_step((views, labels), 0)
     with bf16_autocast():
         mixed = bf16_model.training_step((views, labels), 0)
@@ -135,7 +109,7 @@ def test_fit_with_bf16_mixed_keeps_the_mixture_in_float32(tmp_path) -> None:
         enable_model_summary=False,
         callbacks=[NonFiniteGuard()],  # would stop on a non-finite loss or statistic
     )
-    trainer.fit(model, datamodule=SSLDataModule(**TINY_DATA))
+    trainer.fit(model, datamodule=tiny_data(**DATA))
     assert trainer.global_step == 2 and model.gmm.step == 2
     for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
         if tensor.is_floating_point():

@@ -20,30 +20,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY_FIT
 from protogmm.cli import main
 from protogmm.integrity import CorruptCheckpointError, check_checkpoint_integrity
 from protogmm.training import run_folder
 from protogmm.training.reliability import AtomicCheckpointIO, read_checkpoint
 from protogmm.training.run_folder import LOCK_NAME
 
-TINY_FIT = [
-    "--data.dataset=synthetic",
-    "--data.synthetic_samples=64",
-    "--data.synthetic_image_size=16",
-    "--data.batch_size=16",
-    "--data.num_local_crops=0",
-    "--model.num_prototypes=32",
-    "--model.hidden_dim=32",
-    "--model.bottleneck_dim=16",
-    "--model.backbone_kwargs={width: 8}",
-    "--trainer.max_epochs=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
+#: One epoch (4 steps) without local crops.
+FIT_ARGS = [*TINY_FIT, "--data.num_local_crops=0", "--trainer.max_epochs=1"]
 
 
 def fit(run_dir: Path, *extra: str) -> int:
-    return main(["fit", *TINY_FIT, f"--trainer.default_root_dir={run_dir}", *extra])
+    return main(["fit", *FIT_ARGS, f"--trainer.default_root_dir={run_dir}", *extra])
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -248,7 +237,7 @@ def test_a_checkpoint_with_flipped_bytes_is_refused_everywhere(
     for command in (
         [
             "fit",
-            *TINY_FIT,
+            *FIT_ARGS,
             f"--trainer.default_root_dir={tmp_path / 'r'}",
             f"--ckpt_path={corrupt}",
         ],

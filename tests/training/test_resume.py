@@ -10,7 +10,6 @@ callbacks (the k-NN and collapse monitors, the report) for each prototype/target
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -20,7 +19,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
 
-from protogmm.training.datamodule import SSLDataModule
+from helpers import (
+    HALF_EPOCH_WARMUP,
+    STEP_BY_STEP,
+    TINY_MODEL,
+    CrashAtStep,
+    fit_tiny,
+    logged,
+    metric_rows,
+    tiny_data,
+)
 from protogmm.training.distributed import DistributedRun
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import (
@@ -31,40 +39,7 @@ from protogmm.training.reliability import (
     ResumableDistributedSampler,
 )
 from protogmm.training.run_logger import RunCSVLogger
-from protogmm.training.runner import build_trainer, run_logger
-
-TINY_MODEL = {
-    "backbone": "convnet",
-    "backbone_kwargs": {"width": 8},
-    "num_prototypes": 32,
-    "hidden_dim": 32,
-    "bottleneck_dim": 16,
-    "warmup_epochs": 0.5,
-    "freeze_prototypes_epochs": 0.5,
-    "in_channels": 1,
-    "image_size": 16,
-}
-
-
-def tiny_data() -> SSLDataModule:
-    return SSLDataModule(
-        dataset="synthetic",
-        batch_size=16,
-        num_local_crops=2,
-        synthetic_samples=64,
-        synthetic_image_size=16,
-    )
-
-
-class CrashAtStep(L.Callback):
-    """Simulates a killed job when the run reaches ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
+from protogmm.training.runner import run_logger
 
 
 def fit(
@@ -75,51 +50,46 @@ def fit(
     crash_at_step: int | None = None,
     checkpoint_every_n_steps: int = 3,
 ) -> tuple[PrototypicalSSL, L.Trainer]:
-    L.seed_everything(0, verbose=False)
-    model = PrototypicalSSL(**(TINY_MODEL | model_kwargs))
-    crash = [CrashAtStep(crash_at_step)] if crash_at_step is not None else []
-    settings = {
-        "max_epochs": 2,
-        "accelerator": "cpu",
-        "devices": 1,
-        "deterministic": True,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
+    model = TINY_MODEL | HALF_EPOCH_WARMUP | model_kwargs
     if all_callbacks:
-        trainer = build_trainer(
+        return fit_tiny(
             run_dir,
-            dense_every_n_steps=2,
+            model,
+            ckpt_path=ckpt_path,
+            crash_at_step=crash_at_step,
+            max_epochs=2,
             checkpoint_every_n_steps=checkpoint_every_n_steps,
-            callbacks=crash,
-            **settings,
+            **STEP_BY_STEP,
         )
-    else:
-        trainer = L.Trainer(
-            default_root_dir=run_dir,
-            logger=run_logger(run_dir),
-            log_every_n_steps=1,
-            plugins=[AtomicCheckpointIO()],
-            callbacks=[
-                *crash,
-                NonFiniteGuard(),
-                DistributedRun(),
-                DataPosition(),
-                ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=3),
-            ],
-            **settings,
-        )
-    trainer.fit(model, datamodule=tiny_data(), ckpt_path=ckpt_path)
-    return model, trainer
+    # The resume machinery alone: no monitors, no report.
+    L.seed_everything(0, verbose=False)
+    module = PrototypicalSSL(**model)
+    crash = [CrashAtStep(crash_at_step)] if crash_at_step is not None else []
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        logger=run_logger(run_dir),
+        log_every_n_steps=1,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            *crash,
+            NonFiniteGuard(),
+            DistributedRun(),
+            DataPosition(),
+            ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=3),
+        ],
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=tiny_data(), ckpt_path=ckpt_path)
+    return module, trainer
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "metrics.csv") as handle:
-        return {
-            int(row["step"]): float(row["train/loss"])
-            for row in csv.DictReader(handle)
-            if row.get("train/loss")
-        }
+    return dict(logged(run_dir, "train/loss"))
 
 
 DECOUPLED = {"prototypes": "decoupled"}
@@ -182,12 +152,11 @@ def test_mid_epoch_resume_equals_the_uninterrupted_run(
 
 def logged_steps(run_dir: Path) -> list[tuple[int, int, float]]:
     """(step, epoch, loss) of every training row of ``metrics.csv``."""
-    with open(run_dir / "metrics.csv") as handle:
-        return [
-            (int(row["step"]), int(row["epoch"]), float(row["train/loss"]))
-            for row in csv.DictReader(handle)
-            if row.get("train/loss")
-        ]
+    return [
+        (int(row["step"]), int(row["epoch"]), float(row["train/loss"]))
+        for row in metric_rows(run_dir)
+        if row.get("train/loss")
+    ]
 
 
 @pytest.mark.parametrize("model_kwargs", [DECOUPLED, JOINT], ids=["decoupled", "joint"])
@@ -318,8 +287,7 @@ def test_a_resume_into_the_crashed_run_keeps_its_whole_metrics_history(tmp_path:
     assert torch.load(checkpoint_path, weights_only=True)["global_step"] == 3
     fit(tmp_path / "run", DECOUPLED, True, checkpoint_path)
 
-    with open(tmp_path / "run" / "metrics.csv") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    rows = [row for row in metric_rows(tmp_path / "run") if row.get("train/loss")]
     steps = [int(row["step"]) for row in rows]
     assert steps == list(range(8))  # every step once: the crashed run's steps kept
     full = losses(tmp_path / "full")
@@ -340,8 +308,7 @@ def test_rows_logged_after_the_checkpoint_are_replaced_by_the_resumed_run(tmp_pa
     writer.save()
     writer.log_metrics({"train/loss": 50.0}, step=5)
     writer.save()
-    with open(tmp_path / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = metric_rows(tmp_path)
     assert [(row["step"], row["train/loss"]) for row in rows] == [
         ("0", "0.5"),
         ("1", "1.5"),
