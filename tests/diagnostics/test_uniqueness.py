@@ -1,7 +1,8 @@
 """Tests of the unique-prototype count (Definition 2.1, Arteaga et al., ICLR 2026).
 
-The reference is the literal row-by-row greedy scan in NumPy float64; the blocked,
-float32-prefiltered implementation must agree with it exactly.
+The reference is the literal row-by-row greedy scan in NumPy float64; the blocked
+implementation, which screens pairs with int8 products of a sketch and decides the rest in
+float64, must agree with it exactly (same representatives).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from protogmm.diagnostics import (
     representatives,
     unique_prototype_curve,
     unique_prototypes,
+    uniqueness,
 )
 
 
@@ -70,7 +72,7 @@ def near_copies(base: torch.Tensor, cosine: float, seed: int) -> torch.Tensor:
 
 @pytest.fixture
 def float64_matmul_only():
-    """Disable the float32 prefilter (reduced-precision float32 matmuls are allowed)."""
+    """Allow reduced-precision float32 matmuls (the sketch must then rotate in float64)."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     yield
@@ -208,6 +210,189 @@ def test_result_is_the_greedy_cover(num_rows, num_clusters, dim, spread, eps, bl
         earlier_reps_within = [i for i in reps if i < j and distance[i, j] < eps]
         assert bool(earlier_reps_within) != is_rep[j], j
     assert reps == naive_representatives(prototypes, eps)
+
+
+# ------------------------------------------------- int8 sketch: exact on planted sets
+
+
+def planted_groups(num_rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Random bases and near-copies at 0.3 eps, 0.9 eps and eps (1 +- 1e-9), shuffled.
+
+    Covers every eps of the sweep: groups merge at different eps, and many pairs sit a
+    hair either side of a threshold (only float64 can tell them apart).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    num_base = num_rows // 4
+    base = torch.nn.functional.normalize(
+        torch.randn(num_base, dim, generator=gen, dtype=torch.float64), dim=1
+    )
+    distances = torch.tensor(
+        [f * eps for eps in DEFAULT_EPS for f in (0.3, 0.9, 1 - 1e-9, 1 + 1e-9)],
+        dtype=torch.float64,
+    )
+    owner = torch.randint(0, num_base, (num_rows - num_base,), generator=gen)
+    distance = distances[torch.randint(0, len(distances), (num_rows - num_base,), generator=gen)]
+    direction = torch.randn(num_rows - num_base, dim, generator=gen, dtype=torch.float64)
+    direction -= (direction * base[owner]).sum(dim=1, keepdim=True) * base[owner]
+    direction = torch.nn.functional.normalize(direction, dim=1)
+    cosine = (1.0 - distance)[:, None]
+    copies = cosine * base[owner] + torch.sqrt(1.0 - cosine**2) * direction
+    return torch.cat([base, copies])[torch.randperm(num_rows, generator=gen)]
+
+
+def trained_like(num_rows: int, dim: int, seed: int) -> torch.Tensor:
+    """A smooth cloud with a 1/k spectrum: nearly all unique at 0.025, few at 0.5."""
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    spectrum = torch.arange(1, dim + 1, dtype=torch.float64).reciprocal()
+    return (
+        (torch.randn(num_rows, dim, generator=gen, dtype=torch.float64) * spectrum) @ basis.T
+    ).float()
+
+
+def dyadic_ties(num_rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Rows of +-1 (unit after scaling by 1/sqrt(dim), dim a power of 4) and copies with
+    some signs flipped. Every distance is a multiple of 2 / dim and is computed exactly in
+    any order, so distances of exactly 0.25 and 0.5 (two eps of the sweep) occur."""
+    gen = torch.Generator().manual_seed(seed)
+    num_base = num_rows // 4
+    base = torch.randint(0, 2, (num_base, dim), generator=gen) * 2 - 1
+    rows = base[torch.randint(0, num_base, (num_rows - num_base,), generator=gen)].clone()
+    # Flipping f signs gives distance 2 f / dim: f = dim / 8 is 0.25, dim / 4 is 0.5.
+    choices = [0, 1, dim // 16, dim // 8 - 1, dim // 8, dim // 8 + 1, dim // 4 - 1, dim // 4]
+    flips = torch.tensor(choices)[torch.randint(0, len(choices), (len(rows),), generator=gen)]
+    for row, count in zip(rows, flips.tolist(), strict=True):
+        row[torch.randperm(dim, generator=gen)[:count]] *= -1
+    rows = torch.cat([base, rows]).double() / math.sqrt(dim)
+    return rows[torch.randperm(num_rows, generator=gen)]
+
+
+SWEEP_AND_MORE = (*DEFAULT_EPS, 1e-6, 0.01, 0.125, 1.0)
+
+
+def assert_matches_naive(prototypes: torch.Tensor, block_sizes=(1024,)) -> dict[float, int]:
+    """Same representatives as the literal scan at every eps, and the same curve."""
+    expected = {eps: naive_representatives(prototypes, eps) for eps in SWEEP_AND_MORE}
+    for block_size in block_sizes:
+        curve = unique_prototype_curve(prototypes, SWEEP_AND_MORE, block_size=block_size)
+        assert curve == {eps: len(reps) for eps, reps in expected.items()}, block_size
+        for eps in (0.025, 0.25, 0.5):
+            got = representatives(prototypes, eps, block_size=block_size).tolist()
+            assert got == expected[eps], (block_size, eps)
+    return {eps: len(reps) for eps, reps in expected.items()}
+
+
+@pytest.mark.parametrize("dim", [64, 256])
+def test_planted_groups_at_every_eps_match_the_naive_scan(dim):
+    counts = assert_matches_naive(planted_groups(1600, dim, seed=20), block_sizes=(1024, 333))
+    # The planted groups do merge, differently at each eps of the sweep.
+    sweep = [counts[eps] for eps in DEFAULT_EPS]
+    assert sweep == sorted(sweep, reverse=True) and sweep[0] < 1600 and sweep[-1] < sweep[0]
+
+
+def test_random_unit_rows_match_the_naive_scan_in_d256():
+    """The healthy case: every pair is screened out by the int8 products alone."""
+    prototypes = torch.randn(2500, 256, generator=torch.Generator().manual_seed(21))
+    counts = assert_matches_naive(prototypes)
+    assert all(counts[eps] == 2500 for eps in DEFAULT_EPS)
+
+
+def test_trained_like_cloud_matches_the_naive_scan():
+    """Many pairs near every threshold: the sketch's candidates are mostly decided in float."""
+    counts = assert_matches_naive(trained_like(2000, 128, seed=22), block_sizes=(1024, 97))
+    assert counts[0.5] < counts[0.025]
+
+
+@pytest.mark.parametrize("dim", [16, 256])
+def test_distances_exactly_at_eps_never_merge(dim):
+    """1 - cos == eps exactly is not < eps, as in the literal scan (ties at 0.25 and 0.5)."""
+    prototypes = dyadic_ties(1200, dim, seed=23)
+    distance = cosine_distances(prototypes)
+    assert (distance == 0.25).any() and (distance == 0.5).any()  # the ties are there
+    assert_matches_naive(prototypes, block_sizes=(1024, 50))
+
+
+@pytest.mark.parametrize("levels", [0, 63, 127])
+def test_every_product_path_gives_the_same_cover(monkeypatch, levels):
+    """int8 codes of 8 or 7 bits, or the float product of codes: one and the same result."""
+    if levels and uniqueness._int8_code_levels() < levels:
+        pytest.skip(f"int8 products of {levels}-level codes are not exact on this machine")
+    monkeypatch.setattr(uniqueness, "_int8_code_levels", lambda: levels)
+    prototypes = planted_groups(1200, 64, seed=24)
+    assert_matches_naive(prototypes, block_sizes=(256,))
+
+
+def spiky_rows(num_rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Hard rows for one quantisation step: near-axes, constant rows, mixed scales."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(num_rows, dim, generator=gen, dtype=torch.float64)
+    axes = torch.arange(num_rows // 4) % dim
+    rows[: num_rows // 4] *= 1e-3
+    rows[torch.arange(num_rows // 4), axes] += 1.0
+    rows[num_rows // 4 : num_rows // 3] = 1.0
+    rows[num_rows // 3 : num_rows // 2] *= torch.logspace(-3, 3, dim, dtype=torch.float64)
+    return rows
+
+
+@pytest.mark.parametrize("dim", [3, 48, 256])
+@pytest.mark.parametrize("levels", [0, 63, 127])
+def test_sketch_bounds_every_pair(monkeypatch, dim, levels):
+    """|cos(c_i, c_j) - scale <q_i, q_j>| <= bound_j for every pair: the screen is safe.
+
+    Spiky rows take the rotated sketch, the planted (isotropic) ones the unrotated one.
+    """
+    if levels and uniqueness._int8_code_levels() < levels:
+        pytest.skip(f"int8 products of {levels}-level codes are not exact on this machine")
+    monkeypatch.setattr(uniqueness, "_int8_code_levels", lambda: levels)
+    for prototypes in (spiky_rows(200, dim, seed=25), planted_groups(200, dim, seed=26)):
+        unit = uniqueness._unit_rows_float64(prototypes)
+        before = unit.clone()
+        sketch = uniqueness._sketch(unit)
+        assert torch.equal(unit, before)  # the rows the float64 checks use stay as they were
+        products = sketch.matmul(sketch.codes, sketch.codes).to(torch.float64)
+        error = (unit @ unit.T - sketch.scale * products).abs()
+        assert bool((error <= sketch.bound[None, :]).all())
+        # The bound is useful, not vacuous (float codes for tiny d are coarser).
+        assert float(sketch.bound.max()) < (0.2 if dim >= 16 else 0.5)
+
+
+@pytest.mark.parametrize("dim", [96, 256])
+def test_spiky_rows_take_the_rotated_sketch_and_match_the_naive_scan(dim):
+    """Near-axis, constant and mixed-scale rows: the sketch rotates, the cover is exact."""
+    prototypes = spiky_rows(1200, dim, seed=28)
+    unit = uniqueness._unit_rows_float64(prototypes)
+    assert float(unit.abs().max()) * math.sqrt(dim) > uniqueness._SPIKY  # rotated
+    assert_matches_naive(prototypes, block_sizes=(1024, 129))
+
+
+def test_int8_check_rejects_a_saturating_product(monkeypatch):
+    """A kernel that saturates int16 pair sums (pre-VNNI oneDNN) fails the check at 8 bits."""
+    exact = torch._int_mm
+
+    def saturating(left, right):
+        pairs = left.view(left.shape[0], -1, 2).to(torch.int32) + 128  # u8 after a shift
+        weights = right.T.reshape(right.shape[1], -1, 2).to(torch.int32)
+        sums = torch.einsum("mkp,nkp->mnk", pairs, weights).clamp(-(2**15), 2**15 - 1)
+        return sums.sum(dim=2) - 128 * right.to(torch.int32).sum(dim=0)[None, :]
+
+    assert bool(torch.equal(saturating(*_small_codes(63)), exact(*_small_codes(63))))
+    monkeypatch.setattr(torch, "_int_mm", saturating)
+    assert uniqueness._int8_matmul_is_exact(63)
+    assert not uniqueness._int8_matmul_is_exact(127)
+
+
+def _small_codes(levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(27)
+    left = torch.randint(-levels, levels + 1, (5, 8), generator=gen).to(torch.int8)
+    right = torch.randint(-levels, levels + 1, (3, 8), generator=gen).to(torch.int8)
+    return left, right.T
+
+
+def test_one_dimensional_rows():
+    """d = 1 (where torch._int_mm is wrong) uses the float product: two directions."""
+    prototypes = torch.tensor([[2.0], [-1.0], [3.0], [-0.5]])
+    assert unique_prototype_curve(prototypes, [0.5, 2.0]) == {0.5: 2, 2.0: 2}
+    assert representatives(prototypes, 0.5).tolist() == [0, 1]
 
 
 # ---------------------------------------------------------------------------- monotonicity
