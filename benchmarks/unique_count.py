@@ -185,20 +185,26 @@ def timed_curve(
     return best, masks
 
 
-def int8_floor(num_rows: int, dim: int, repeats: int) -> float | None:
-    """Seconds of the int8 products of all pairs i < j: one tile timed, then scaled."""
+def int8_tile_seconds(dim: int, repeats: int) -> float | None:
+    """Best seconds of one int8 product tile (a block of rows with a chunk of
+    representatives, as the scan runs them), or None where the int8 product is unused."""
     if not uniqueness._int8_code_levels():
         return None
     rows = torch.randint(-63, 64, (uniqueness._DEFAULT_BLOCK_SIZE, dim), dtype=torch.int8)
     reps = torch.randint(-63, 64, (uniqueness._REP_CHUNK, dim), dtype=torch.int8)
     torch._int_mm(rows, reps.T)  # warm-up: the kernel's first call sets it up
     best = math.inf
-    for _ in range(max(20, repeats)):  # one tile is ~1 ms: take the best of many
+    for _ in range(max(50, repeats)):  # one tile is ~1 ms: take the best of many
         start = time.perf_counter()
         torch._int_mm(rows, reps.T)
         best = min(best, time.perf_counter() - start)
-    pairs = num_rows * (num_rows - 1) / 2
-    return best * pairs / (rows.shape[0] * reps.shape[0])
+    return best
+
+
+def int8_floor(num_rows: int, tile_seconds: float) -> float:
+    """Seconds of the int8 products of all pairs i < j, at the rate of the best tile."""
+    tile = uniqueness._DEFAULT_BLOCK_SIZE * uniqueness._REP_CHUNK
+    return tile_seconds * num_rows * (num_rows - 1) / 2 / tile
 
 
 def main() -> None:
@@ -262,12 +268,11 @@ def main() -> None:
             rows.append(row)
 
     floors = []
-    for num_rows in args.k:
-        if args.wait_idle > 0:
-            wait_for_idle_cpus(args.wait_idle)
-        floor = int8_floor(num_rows, args.dim, args.repeats)
-        if floor is not None:
-            floors.append(f"{floor:.2f} s at K = {num_rows}")
+    if args.wait_idle > 0:
+        wait_for_idle_cpus(args.wait_idle)
+    tile_seconds = int8_tile_seconds(args.dim, args.repeats)
+    if tile_seconds is not None:
+        floors = [f"{int8_floor(k, tile_seconds):.2f} s at K = {k}" for k in args.k]
     if floors:
         floor_line = (
             f"int8 floor, the products of every pair i < j alone (d = {args.dim}): "
@@ -299,7 +304,8 @@ def main() -> None:
         f"Seconds of `unique_prototype_curve(prototypes)` (ε = {eps_list}), the minimum of "
         f'{args.repeats} repeats; "before" is the algorithm of revision `{BASELINE_REVISION}` '
         "(float32 products of every row with every earlier representative; "
-        f"{args.baseline_repeats} repeat), in the same process{waited}. random: Gaussian rows "
+        f"{args.baseline_repeats} repeat{'' if args.baseline_repeats == 1 else 's'}), in the "
+        f"same process{waited}. random: Gaussian rows "
         "(all unique); planted: bases and near-copies at 0.3 ε, 0.9 ε and ε (1 ± 1e-9) for "
         "each ε; trained-like: a smooth cloud with a 1/k spectrum. Same representatives: "
         "both algorithms' representatives compared at every ε."
