@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from protogmm.diagnostics import (
     DEFAULT_EPS,
+    _int8_sketch,
     representatives,
     unique_prototype_curve,
     unique_prototypes,
@@ -317,8 +318,9 @@ def test_every_product_path_gives_the_same_cover(monkeypatch, levels):
     """int8 codes of 8 or 7 bits, or the float product of codes: one and the same result."""
     if levels and uniqueness._int8_code_levels() < levels:
         pytest.skip(f"int8 products of {levels}-level codes are not exact on this machine")
-    monkeypatch.setattr(uniqueness, "_int8_code_levels", lambda: levels)
+    monkeypatch.setattr(_int8_sketch, "_int8_code_levels", lambda: levels)
     prototypes = planted_groups(1200, 64, seed=24)
+    assert uniqueness._sketch(uniqueness._unit_rows_float64(prototypes)).int8 == (levels > 0)
     assert_matches_naive(prototypes, block_sizes=(256,))
 
 
@@ -343,11 +345,12 @@ def test_sketch_bounds_every_pair(monkeypatch, dim, levels):
     """
     if levels and uniqueness._int8_code_levels() < levels:
         pytest.skip(f"int8 products of {levels}-level codes are not exact on this machine")
-    monkeypatch.setattr(uniqueness, "_int8_code_levels", lambda: levels)
+    monkeypatch.setattr(_int8_sketch, "_int8_code_levels", lambda: levels)
     for prototypes in (spiky_rows(200, dim, seed=25), planted_groups(200, dim, seed=26)):
         unit = uniqueness._unit_rows_float64(prototypes)
         before = unit.clone()
         sketch = uniqueness._sketch(unit)
+        assert sketch.int8 == (levels > 0 and dim >= 16)  # the patched levels were used
         assert torch.equal(unit, before)  # the rows the float64 checks use stay as they were
         products = sketch.matmul(sketch.codes, sketch.codes).to(torch.float64)
         error = (unit @ unit.T - sketch.scale * products).abs()
