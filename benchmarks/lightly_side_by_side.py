@@ -54,15 +54,27 @@ import torch
 from protogmm.reports import markdown_table
 
 from ._common import (
-    PeakMemory,
-    column,
     command_line,
     machine_line,
     mean_std,
     package_environment,
     quick_model,
     replace_section,
-    train_run,
+)
+
+# The child side lives in _lightly_runs (the runs) and _lightly_child (the measured child
+# process); every name stays importable from here.
+from ._lightly_child import StepClock, child_main  # noqa: F401 (re-exported)
+from ._lightly_runs import (  # noqa: F401 (re-exported)
+    CIFAR10_RECIPE,
+    EPS,
+    LIGHTLY_MODULES,
+    lightly_networks,
+    lightly_optimizer,
+    protogmm_defaults,
+    teacher_knn,
+    train_lightly,
+    train_protogmm,
 )
 
 #: The lightly the benchmark is written for: pyproject's ``benchmarks`` extra pins it.
@@ -71,14 +83,6 @@ LIGHTLY_VERSION = "1.6.0"
 INSTALL_HINT = "install it with: pip install 'protogmm[benchmarks]'"
 #: Exit status when lightly is missing or another version.
 LIGHTLY_UNAVAILABLE = 3
-#: What the lightly runs import; the installed lightly is checked by importing exactly these.
-LIGHTLY_MODULES = (
-    "lightly.loss",
-    "lightly.models.modules",
-    "lightly.models.utils",
-    "lightly.utils.scheduler",
-)
-EPS = (0.025, 0.1, 0.25, 0.5)
 DATA: dict[str, Any] = {"dataset": "mnist5k", "batch_size": 128, "num_local_crops": 2}
 
 #: label -> what runs it ("lightly" with a recipe, or "protogmm" with PrototypicalSSL
@@ -88,18 +92,6 @@ RUNS: dict[str, dict[str, Any]] = {
     "lightly DINO, its CIFAR-10 recipe": {"kind": "lightly", "recipe": "cifar10"},
     "protogmm DINO joint": {"kind": "protogmm", "overrides": {"prototypes": "joint"}},
     "protogmm DINO decoupled": {"kind": "protogmm", "overrides": {"prototypes": "decoupled"}},
-}
-
-#: lightly's CIFAR-10 benchmark (cifar10_benchmark.py, DINOModel): what the second lightly
-#: run keeps from it.
-CIFAR10_RECIPE: dict[str, Any] = {
-    "output_dim": 2048,
-    "hidden_dim": 2048,
-    "bottleneck_dim": 256,
-    "lr": 0.06,  # x batch / 128
-    "sgd_momentum": 0.9,
-    "weight_decay": 5e-4,
-    "ema_momentum": 0.99,
 }
 
 
@@ -131,378 +123,6 @@ def check_lightly() -> str:
                 f"lightly {version} does not import ({module}: {error}); {INSTALL_HINT}"
             ) from None
     return version
-
-
-# ---------------------------------------------------------------------------- children
-def protogmm_defaults() -> dict[str, Any]:
-    """``PrototypicalSSL``'s default hyperparameters: the recipe both trainers share."""
-    import inspect
-
-    from protogmm.training.module import PrototypicalSSL
-
-    return {
-        name: parameter.default
-        for name, parameter in inspect.signature(PrototypicalSSL.__init__).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }
-
-
-def teacher_knn(backbone: Any, datamodule: Any, device: Any) -> tuple[float, float]:
-    """k-NN top-1 of ``backbone`` on the held-out split (DINO's and lightly's protocol)."""
-    from protogmm.evaluation import knn_accuracy
-    from protogmm.evaluation.features import extract_features
-
-    train_loader, test_loader = datamodule.knn_dataloaders()
-    train_x, train_y = extract_features(backbone, train_loader, device)
-    test_x, test_y = extract_features(backbone, test_loader, device)
-    return (
-        knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07),
-        knn_accuracy(train_x, train_y, test_x, test_y, k=200, temperature=0.1),
-    )
-
-
-def lightly_networks(
-    recipe: str, feature_dim: int, defaults: dict[str, Any]
-) -> tuple[Any, Any, int]:
-    """Student and teacher heads of lightly's DINO for ``recipe``, and their K.
-
-    ``"protogmm"``: lightly's ``DINOProjectionHead`` with protogmm's default sizes (3
-    Linear layers, like protogmm's ``head_layers``), the last layer frozen for protogmm's
-    ``freeze_prototypes_epochs``, the teacher starting as the student. ``"cifar10"``: the
-    head of lightly's ``cifar10_benchmark.py`` (its MLP replaced by 2 layers), the teacher's
-    initialised apart as there.
-    """
-    from lightly.models.modules import DINOProjectionHead
-    from lightly.models.modules.heads import ProjectionHead
-    from torch import nn
-
-    if recipe == "protogmm":
-        output_dim = defaults["num_prototypes"]
-
-        def head(freeze_epochs: int) -> nn.Module:
-            return DINOProjectionHead(
-                feature_dim,
-                defaults["hidden_dim"],
-                defaults["bottleneck_dim"],
-                output_dim,
-                batch_norm=defaults["head_bn"],
-                freeze_last_layer=freeze_epochs,
-            )
-
-        student, teacher = head(int(defaults["freeze_prototypes_epochs"])), head(-1)
-        # The teacher starts as the student (DINO; protogmm's make_teacher). A deepcopy
-        # fails on lightly's weight-normed last layer, so copy the state as DINO does.
-        teacher.load_state_dict(student.state_dict())
-        return student, teacher, output_dim
-
-    hidden, bottleneck = CIFAR10_RECIPE["hidden_dim"], CIFAR10_RECIPE["bottleneck_dim"]
-
-    def cifar_head() -> nn.Module:
-        built = DINOProjectionHead(
-            feature_dim, hidden, bottleneck, CIFAR10_RECIPE["output_dim"], batch_norm=True
-        )
-        built.layers = ProjectionHead(
-            [
-                (feature_dim, hidden, nn.BatchNorm1d(hidden), nn.GELU()),
-                (hidden, bottleneck, None, None),
-            ]
-        ).layers
-        return built
-
-    return cifar_head(), cifar_head(), CIFAR10_RECIPE["output_dim"]
-
-
-def lightly_optimizer(
-    recipe: str, student: Any, defaults: dict[str, Any], epochs: int, batch_size: int
-) -> tuple[torch.optim.Optimizer, Any]:
-    """The optimizer of ``recipe`` and its per-epoch scheduler (None: set per step).
-
-    ``"protogmm"``: protogmm's ``configure_optimizers`` (AdamW; weights decayed, biases and
-    norms not). ``"cifar10"``: SGD with lightly's learning rate, momentum and weight decay,
-    and a cosine learning rate per epoch.
-    """
-    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    if recipe == "protogmm":
-        decayed = [p for n, p in trainable if p.ndim > 1 and not n.endswith(".bias")]
-        not_decayed = [p for n, p in trainable if p.ndim <= 1 or n.endswith(".bias")]
-        optimizer = torch.optim.AdamW(
-            [{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}],
-            lr=defaults["lr"],
-            weight_decay=defaults["weight_decay"],
-        )
-        return optimizer, None
-    optimizer = torch.optim.SGD(
-        [p for _, p in trainable],
-        lr=CIFAR10_RECIPE["lr"] * batch_size / 128,
-        momentum=CIFAR10_RECIPE["sgd_momentum"],
-        weight_decay=CIFAR10_RECIPE["weight_decay"],
-    )
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-
-
-def train_lightly(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train lightly's DINO by hand (lightly's example loop) and evaluate it like protogmm."""
-    import lightning as L
-    from lightly.loss import DINOLoss
-    from lightly.models.utils import deactivate_requires_grad, update_momentum
-    from lightly.utils.scheduler import cosine_schedule
-    from torch import nn
-
-    from protogmm.diagnostics import unique_prototype_curve
-    from protogmm.models import build_backbone
-    from protogmm.schedules import cosine_ramp, linear_ramp, warmup_cosine
-    from protogmm.training.datamodule import SSLDataModule
-
-    recipe, seed, epochs = spec["recipe"], spec["seed"], spec["epochs"]
-    batch_size = spec["data"]["batch_size"]
-    defaults = protogmm_defaults()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    L.seed_everything(seed, verbose=False)
-    datamodule = SSLDataModule(seed=seed, **spec["data"])
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
-    steps_per_epoch = len(loader)
-    total_steps = epochs * steps_per_epoch
-
-    backbones = [
-        build_backbone(
-            "convnet", in_channels=datamodule.in_channels, image_size=datamodule.image_size
-        )
-        for _ in range(2)
-    ]
-    backbones[1].load_state_dict(backbones[0].state_dict())  # the teacher starts equal
-    student_head, teacher_head, output_dim = lightly_networks(
-        recipe, backbones[0].feature_dim, defaults
-    )
-    student = nn.ModuleDict({"backbone": backbones[0], "head": student_head}).to(device)
-    teacher = nn.ModuleDict({"backbone": backbones[1], "head": teacher_head}).to(device)
-    deactivate_requires_grad(teacher)
-    if recipe == "protogmm":
-        # The teacher temperature is passed per step (protogmm's linear warm-up per step).
-        criterion = DINOLoss(
-            output_dim=output_dim,
-            student_temp=defaults["student_temperature"],
-            center_momentum=defaults["center_momentum"],
-        ).to(device)
-    else:
-        criterion = DINOLoss(output_dim=output_dim).to(device)  # cifar10_benchmark.py
-    optimizer, scheduler = lightly_optimizer(recipe, student, defaults, epochs, batch_size)
-    warmup_steps = int(defaults["warmup_epochs"] * steps_per_epoch)
-    tau_warmup_steps = int(defaults["teacher_temperature_warmup_epochs"] * steps_per_epoch)
-
-    def forward(net: nn.ModuleDict, view: torch.Tensor) -> torch.Tensor:
-        return net["head"](net["backbone"](view).flatten(start_dim=1))
-
-    epoch_seconds, step, last_loss = [], 0, float("nan")
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        start = time.perf_counter()
-        for views, _ in loader:
-            if recipe == "protogmm":
-                # protogmm's per-step schedules (training/module.py, schedule_at).
-                lr = warmup_cosine(
-                    step, total_steps, warmup_steps, defaults["lr"], defaults["min_lr"]
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.param_groups[0]["weight_decay"] = cosine_ramp(
-                    step, total_steps, defaults["weight_decay"], defaults["weight_decay_end"]
-                )
-                momentum = cosine_schedule(step, total_steps, defaults["teacher_momentum"], 1.0)
-                tau = linear_ramp(
-                    step,
-                    tau_warmup_steps,
-                    defaults["warmup_teacher_temperature"],
-                    defaults["teacher_temperature"],
-                )
-                loss_kwargs: dict[str, Any] = {"teacher_temp": tau}
-            else:
-                momentum = CIFAR10_RECIPE["ema_momentum"]
-                loss_kwargs = {"epoch": epoch}
-            # lightly's example: the teacher moves at the start of the step.
-            update_momentum(student["backbone"], teacher["backbone"], m=momentum)
-            update_momentum(student["head"], teacher["head"], m=momentum)
-            views = [view.to(device, non_blocking=True) for view in views]
-            teacher_out = [forward(teacher, view) for view in views[:2]]
-            student_out = [forward(student, view) for view in views]
-            loss = criterion(teacher_out, student_out, **loss_kwargs)
-            loss.backward()
-            student["head"].cancel_last_layer_gradients(current_epoch=epoch)
-            optimizer.step()
-            optimizer.zero_grad()
-            last_loss = float(loss.detach())
-            step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_seconds.append(time.perf_counter() - start)
-        if scheduler is not None:
-            scheduler.step()
-
-    knn20, knn200 = teacher_knn(teacher["backbone"], datamodule, device)
-    last_layer = teacher["head"].last_layer
-    with torch.no_grad():
-        # weight_norm's hook recomputes the effective weight g * v / ||v|| at each forward.
-        last_layer(torch.zeros(1, last_layer.in_features, device=device))
-        prototypes = last_layer.weight.detach().float().cpu()
-    counts = unique_prototype_curve(prototypes, EPS)
-    return {
-        "steps": step,
-        "seconds_per_epoch": statistics.mean(epoch_seconds),
-        "images_per_second": step * batch_size / sum(epoch_seconds),
-        "knn_k20": knn20,
-        "knn_k200": knn200,
-        "unique_pct": {f"{eps:g}": 100.0 * counts[eps] / prototypes.shape[0] for eps in EPS},
-        "num_prototypes": prototypes.shape[0],
-        "final_loss": last_loss,
-    }
-
-
-def train_protogmm(spec: dict[str, Any]) -> dict[str, Any]:
-    """The ``protogmm fit`` run of ``_common.train_run`` with ``spec``'s overrides."""
-    summary = train_run(
-        Path(spec["run_dir"]),
-        epochs=spec["epochs"],
-        seed=spec["seed"],
-        model=spec["overrides"],
-        data=spec["data"],
-        # No dense collapse measurements inside the timed epochs (the lightly loop has
-        # none); the end-of-epoch measurement, outside the epoch timer, still runs.
-        dense_every_n_steps=10**9,
-    )
-    losses = column(summary, "train/loss")
-    return {
-        "steps": summary["steps"],
-        "seconds_per_epoch": summary["seconds_per_epoch"],
-        "images_per_second": summary["steps"]
-        * spec["data"]["batch_size"]
-        / (summary["seconds_per_epoch"] * spec["epochs"]),
-        "knn_k20": summary["knn/top1"],
-        "knn_k200": summary["knn/top1_k200"],
-        "unique_pct": summary["unique_pct"],
-        "num_prototypes": summary["num_prototypes"],
-        "final_loss": losses[-1] if losses else float("nan"),
-        "knn_untrained": (summary["knn/untrained"], summary["knn/untrained_k200"]),
-        "knn_pixels": (summary["knn/pixels"], summary["knn/pixels_k200"]),
-    }
-
-
-class StepClock:
-    """Times every optimizer step of this process, and profiles a few, in any trainer.
-
-    A global optimizer post-step hook (``torch.optim.optimizer.
-    register_optimizer_step_post_hook``) fires at the end of each step in lightly's loop
-    and in Lightning's alike, so both trainers are timed and profiled by the same code
-    without touching either. A step's time is the interval between two consecutive
-    optimizer steps: data loading, forward, backward, update and the trainer's own
-    bookkeeping. Steps ``skip + 1 .. skip + profile_steps`` (after one warm-up step) run
-    under ``torch.profiler``.
-    """
-
-    def __init__(self, profile_steps: int, skip: int, cuda: bool) -> None:
-        from torch.profiler import ProfilerActivity, profile, schedule
-
-        self.cuda = cuda
-        self.times: list[float] = []
-        self.profile_steps = profile_steps
-        #: Steps until the profiled window is complete (wait + warm-up + active).
-        self.profile_span = skip + 1 + profile_steps
-        self.profiler = None
-        if profile_steps:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            self.profiler = profile(
-                activities=activities,
-                schedule=schedule(wait=skip, warmup=1, active=profile_steps, repeat=1),
-            )
-
-    def __enter__(self) -> StepClock:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self.handle = register_optimizer_step_post_hook(self._on_step)
-        if self.profiler is not None:
-            self.profiler.__enter__()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.handle.remove()
-        if self.profiler is not None:
-            self.profiler.__exit__(*exc_info)
-
-    def _on_step(self, *_: object) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-        if self.profiler is not None:
-            self.profiler.step()
-
-    @property
-    def profiled(self) -> bool:
-        """Whether the run had enough steps to complete the profiled window."""
-        return self.profiler is not None and len(self.times) >= self.profile_span
-
-    def median_step_seconds(self) -> float:
-        """The median interval between consecutive steps (robust to the epoch boundaries,
-        where evaluation runs, and to the profiled steps)."""
-        intervals = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
-        return statistics.median(intervals) if intervals else float("nan")
-
-    def top_operators(self, top: int) -> tuple[float, list[tuple[str, float]]]:
-        """Operators' self time per profiled step (s), and the ``top`` operators' (ms).
-
-        "Operators" are every profiled event but the profiler's own ``ProfilerStep#``
-        range, whose self time is the step's time outside them all (Python, the trainer);
-        the data loader's ``__next__`` is one of them (the crops are made there).
-        """
-        if not self.profiled:
-            return float("nan"), []
-        events = [
-            event
-            for event in self.profiler.key_averages()
-            if not event.key.startswith("ProfilerStep")
-        ]
-
-        def self_time(event: Any) -> float:  # microseconds
-            if self.cuda:
-                return float(getattr(event, "self_device_time_total", 0.0))
-            return float(event.self_cpu_time_total)
-
-        total = sum(self_time(event) for event in events) / 1e6 / self.profile_steps
-        ranked = sorted(events, key=self_time, reverse=True)[:top]
-        return total, [(e.key, self_time(e) / 1e3 / self.profile_steps) for e in ranked]
-
-
-def child_main(spec: dict[str, Any], result_path: Path) -> int:
-    """One run in this (fresh) process; its measurements go to ``result_path`` as JSON."""
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Import everything the run uses before the memory window opens, so that the window
-    # holds what the run itself allocates (model, optimizer, data, activations, the final
-    # k-NN), not the libraries: the same modules for every run, plus lightly's for lightly.
-    modules = ["protogmm.training.module", "protogmm.training.runner", "protogmm.evaluation"]
-    if spec["kind"] == "lightly":
-        modules += LIGHTLY_MODULES
-    for module in modules:
-        importlib.import_module(module)
-    start = time.perf_counter()
-    clock = StepClock(spec["profile_steps"], spec["profile_skip"], cuda=device == "cuda")
-    with PeakMemory(device) as memory, clock:
-        if spec["kind"] == "lightly":
-            result = train_lightly(spec)
-        else:
-            result = train_protogmm(spec)
-    operator_seconds, top_operators = clock.top_operators(spec["profile_top"])
-    result.update(
-        {
-            "peak_mib": memory.peak_mib,
-            "increase_mib": memory.increase_mib,
-            "wall_seconds": time.perf_counter() - start,
-            "median_step_seconds": clock.median_step_seconds(),
-            "operator_seconds_per_step": operator_seconds,
-            "top_operators": top_operators,
-        }
-    )
-    result_path.write_text(json.dumps(result))
-    return 0
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:

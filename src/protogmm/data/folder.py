@@ -29,24 +29,28 @@ order (by class, then sorted path). On top of ImageFolder this module adds:
 - a missing root, a root without class folders, or a class folder without images is a
   one-line error naming the path.
 
+The listing itself (walk, links, hidden files) lives in :mod:`protogmm.data.listing`; its
+public names are importable from here as before.
+
 Decoding relies on Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``; code that
 sets it to True makes Pillow pad truncated images silently, and they then pass as good.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import Dataset
 
 from protogmm.data.bad_images import BadImageError, display_path
+
+# The listing lives in protogmm.data.listing; its public names stay importable from here.
+from protogmm.data.listing import IMAGE_EXTENSIONS, class_folder_names, list_class_files
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -58,8 +62,6 @@ __all__ = [
     "list_class_files",
 ]
 
-logger = logging.getLogger("protogmm.data")
-
 #: Default limit on the pixels an image file may declare (width x height), checked from the
 #: header before decoding: Pillow's own default ``Image.MAX_IMAGE_PIXELS`` (about 89.5
 #: megapixels, 268 MB as RGB), above which Pillow only warns up to twice as many. Larger
@@ -69,40 +71,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 Transform = Callable[[Image.Image], Any]
 
-
-def _decodable_extensions() -> frozenset[str]:
-    """File extensions of every format Pillow can open and decode.
-
-    Stub formats (HDF5, GRIB, BUFR, WMF: Pillow identifies them but needs an external
-    handler to decode) and MPEG (a video container) are left out, so data files that merely
-    share those extensions are not listed as images.
-    """
-    Image.init()
-    skipped_formats = {"MPEG"}
-    extensions = set()
-    for extension, image_format in Image.registered_extensions().items():
-        if image_format not in Image.OPEN or image_format in skipped_formats:
-            continue
-        factory = Image.OPEN[image_format][0]
-        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
-            continue
-        extensions.add(extension.lower())
-    return frozenset(extensions)
-
-
-#: Lower-case extensions (with the dot) of the files listed as images.
-IMAGE_EXTENSIONS: frozenset[str] = _decodable_extensions()
-
 _MODES = {1: "L", 3: "RGB"}
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _is_image_file(path: str) -> bool:
-    name = os.path.basename(path)
-    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _to_8bit(image: Image.Image, path: str) -> Image.Image:
@@ -199,188 +168,6 @@ def decode_image(
     except Exception as error:  # noqa: BLE001 (see the docstring: any decoding failure)
         reason = f"corrupt or truncated image data ({type(error).__name__}: {error})"
     raise BadImageError(f"unreadable image {shown}: {reason}", path=path)
-
-
-_Chain = tuple[tuple[int, int], ...]  # (st_dev, st_ino) of folders, outermost first
-_Folder = tuple[str, str, int, _Chain]  # path, real path, label, chain (itself included)
-
-
-def _identity(info: os.stat_result) -> tuple[int, int]:
-    return info.st_dev, info.st_ino
-
-
-def list_class_files(root: str | os.PathLike[str], classes: Sequence[str]) -> list[tuple[str, int]]:
-    """``(path, label)`` of every image file under ``root/<classes[label]>``, each file once.
-
-    Symlinks are followed, safely: every folder is walked at most once (folders are told
-    apart by ``(st_dev, st_ino)``, so bind mounts count too) and every file is listed at
-    most once (by its resolved real path). Everything reached without a symlink is listed
-    first, so a file keeps the class of the folder it really sits in; a link is followed
-    afterwards only to what is not listed yet. A link to a folder already walked, the link's
-    own ancestors (a loop) or the image folder's, or to a file already listed, is skipped
-    with a warning (logger ``protogmm.data``) naming the link. Hidden files and folders are
-    ignored, and so (with a warning) is a sub-folder that cannot be read.
-
-    Returns:
-        The pairs sorted as torchvision's ``make_dataset`` sorts them: by label, then by
-        folder path, then by file name.
-
-    Raises:
-        ValueError: two class folders are one folder (a link), or a class folder is a link
-            to the image folder or one of its ancestors.
-    """
-    root = os.fspath(root)
-    # The image folder and its ancestors: a link to any of them is a loop.
-    above: set[tuple[int, int]] = set()
-    real = os.path.realpath(root)
-    while True:
-        above.add(_identity(os.stat(real)))
-        if os.path.dirname(real) == real:
-            break
-        real = os.path.dirname(real)
-
-    walked: dict[tuple[int, int], str] = {}  # folder identity -> the path it was walked as
-    listed: set[str] = set()  # real paths of the files listed
-    found: list[tuple[int, str, str]] = []  # (label, folder, name)
-    skipped: list[str] = []  # one line per skipped link
-    # (label, path, identities of the folders from its class folder down to the link's)
-    links: list[tuple[int, str, _Chain]] = []
-    first_duplicate = ""
-
-    def add_file(folder: str, name: str, label: int, real_path: str) -> bool:
-        if real_path in listed:
-            return False
-        listed.add(real_path)
-        found.append((label, folder, name))
-        return True
-
-    def walk(stack: list[_Folder]) -> None:
-        """List the folders on ``stack`` and, depth first, their sub-folders; links wait."""
-        while stack:
-            folder, real_folder, label, chain = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-            except OSError as error:
-                logger.warning(
-                    "skipping folder %s: cannot be read (%s)", display_path(folder), error
-                )
-                continue
-            for entry in entries:
-                if _is_hidden(entry.name):
-                    continue
-                if entry.is_symlink():
-                    links.append((label, entry.path, chain))
-                elif entry.is_dir(follow_symlinks=False):
-                    key = _identity(entry.stat(follow_symlinks=False))
-                    if key in walked:  # a bind mount of a folder walked already
-                        skipped.append(
-                            f"skipping folder {display_path(entry.path)}: the same folder as "
-                            f"{display_path(walked[key])}, listed already"
-                        )
-                        continue
-                    walked[key] = entry.path
-                    real_sub = os.path.join(real_folder, entry.name)
-                    stack.append((entry.path, real_sub, label, (*chain, key)))
-                elif _is_image_file(entry.name):
-                    add_file(folder, entry.name, label, os.path.join(real_folder, entry.name))
-
-    # Class folders first (they may be links themselves): what they hold is theirs.
-    starts: list[_Folder] = []
-    for label, name in enumerate(classes):
-        path = os.path.join(root, name)
-        key = _identity(os.stat(path))
-        if key in above:
-            raise ValueError(
-                f"class folder {display_path(path)} is a link to "
-                f"{display_path(os.path.realpath(path))}, which holds the image folder itself"
-            )
-        if key in walked:
-            raise ValueError(
-                f"class folders {display_path(walked[key])} and {display_path(path)} are "
-                f"the same folder ({display_path(os.path.realpath(path))}): a link?"
-            )
-        walked[key] = path
-        starts.append((path, os.path.realpath(path), label, (key,)))
-    walk(starts[::-1])
-
-    # Then the links, in sorted order, round after round (a followed folder's own links
-    # wait for the next round), so a real location always wins over a link to it.
-    duplicates = 0
-    while links:
-        pending, links = sorted(links), []
-        for label, path, chain in pending:
-            name = os.path.basename(path)
-            try:
-                info = os.stat(path)
-            except OSError:  # a dangling link: listed when named as an image, then unreadable
-                if _is_image_file(name):
-                    add_file(os.path.dirname(path), name, label, os.path.realpath(path))
-                continue
-            if not stat.S_ISDIR(info.st_mode):
-                if _is_image_file(name) and not add_file(
-                    os.path.dirname(path), name, label, os.path.realpath(path)
-                ):
-                    duplicates += 1
-                    if not first_duplicate:
-                        first_duplicate = (
-                            f"{display_path(path)} -> {display_path(os.path.realpath(path))}"
-                        )
-                continue
-            key = _identity(info)
-            target = display_path(os.path.realpath(path))
-            if key in chain or key in above:
-                skipped.append(
-                    f"skipping folder link {display_path(path)} -> {target}: a loop (the "
-                    "link sits inside its target)"
-                )
-            elif key in walked:
-                skipped.append(
-                    f"skipping folder link {display_path(path)} -> {target}: listed already "
-                    f"as {display_path(walked[key])}"
-                )
-            else:
-                walked[key] = path
-                walk([(path, os.path.realpath(path), label, (*chain, key))])
-    for line in skipped[:_MAX_WARNINGS]:
-        logger.warning("%s", line)
-    if len(skipped) > _MAX_WARNINGS:
-        logger.warning(
-            "skipping %d more folder link(s) or repeated folder(s) in %s",
-            len(skipped) - _MAX_WARNINGS,
-            display_path(root),
-        )
-    if duplicates:
-        logger.warning(
-            "skipping %d file link(s) to image files listed already (first: %s)",
-            duplicates,
-            first_duplicate,
-        )
-    found.sort()
-    return [(os.path.join(folder, name), label) for label, folder, name in found]
-
-
-#: Skipped folder links named one warning each; the rest are counted in one more.
-_MAX_WARNINGS = 20
-
-
-def class_folder_names(root: str | os.PathLike[str]) -> list[str]:
-    """Sorted names of the class folders directly under ``root`` (hidden folders ignored).
-
-    Raises:
-        FileNotFoundError: ``root`` is not a folder, or holds no class folder.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {display_path(root)}")
-    names = sorted(
-        entry.name for entry in os.scandir(root) if entry.is_dir() and not _is_hidden(entry.name)
-    )
-    if not names:
-        shown = display_path(root)
-        raise FileNotFoundError(
-            f"no class folders in {shown}: expected {shown}/<class name>/<image files>"
-        )
-    return names
 
 
 def check_same_classes(

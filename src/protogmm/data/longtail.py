@@ -62,6 +62,51 @@ def _class_ranks(num_classes: int, class_order: str, seed: int) -> np.ndarray:
     return ranks
 
 
+def _largest_n_max(available: np.ndarray, ranks: np.ndarray, rho: float) -> int:
+    """The largest head count whose long-tail profile every class has the images for.
+
+    Args:
+        available: ``[C]`` images of each class (every one > 0).
+        ranks: ``[C]`` the rank of each class in the profile.
+        rho: the imbalance ratio.
+    """
+    # The counts grow with n_max, so the largest feasible n_max is found by bisection.
+    low, high = 1, int(available.max())
+    while low < high:
+        middle = (low + high + 1) // 2
+        profile = np.asarray(long_tail_counts(middle, len(available), rho))
+        if np.all(profile[ranks] <= available):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _hashed_subset(
+    labels: np.ndarray, available: np.ndarray, counts: np.ndarray, seed: int
+) -> np.ndarray:
+    """Sorted indices of the first ``counts[c]`` images of each class ``c`` in seeded hash order.
+
+    Args:
+        labels: ``[N]`` the labels.
+        available: ``[C]`` images of each class (``bincount(labels)``).
+        counts: ``[C]`` images to keep of each class (at most ``available``).
+        seed: the seed of the hash order.
+    """
+    index = np.arange(len(labels), dtype=np.uint64)
+    keys = _splitmix64(_splitmix64(np.full_like(index, seed)) ^ index)
+    order = np.argsort(keys, kind="stable")
+    # Group by class keeping the hash order inside each class (one stable sort, not a pass
+    # per class: iNaturalist has 8,142 classes), then keep each class's first counts[c].
+    by_class = order[np.argsort(labels[order], kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(available)[:-1]])
+    sorted_labels = labels[by_class]
+    place_in_class = np.arange(len(labels)) - starts[sorted_labels]
+    keep = np.zeros(len(labels), dtype=bool)
+    keep[by_class[place_in_class < counts[sorted_labels]]] = True
+    return np.flatnonzero(keep)
+
+
 def long_tail_subset(
     labels: np.ndarray,
     imbalance_ratio: float,
@@ -114,16 +159,7 @@ def long_tail_subset(
         empty = np.flatnonzero(available == 0)
         if len(empty):
             raise ValueError(f"{name(int(empty[0]))} has no images to subsample")
-        # The counts grow with n_max, so the largest feasible n_max is found by bisection.
-        low, high = 1, int(available.max())
-        while low < high:
-            middle = (low + high + 1) // 2
-            profile = np.asarray(long_tail_counts(middle, num_classes, rho))
-            if np.all(profile[ranks] <= available):
-                low = middle
-            else:
-                high = middle - 1
-        n_max = low
+        n_max = _largest_n_max(available, ranks, rho)
     check_positive_int("n_max", n_max)
     counts = np.asarray(long_tail_counts(n_max, num_classes, rho))[ranks]
     short = np.flatnonzero(counts > available)
@@ -134,19 +170,8 @@ def long_tail_subset(
             f"(n_max={n_max}, imbalance_ratio={rho:g}); lower n_max or leave it unset"
         )
 
-    index = np.arange(len(labels), dtype=np.uint64)
-    keys = _splitmix64(_splitmix64(np.full_like(index, seed)) ^ index)
-    order = np.argsort(keys, kind="stable")
-    # Group by class keeping the hash order inside each class (one stable sort, not a pass
-    # per class: iNaturalist has 8,142 classes), then keep each class's first counts[c].
-    by_class = order[np.argsort(labels[order], kind="stable")]
-    starts = np.concatenate([[0], np.cumsum(available)[:-1]])
-    sorted_labels = labels[by_class]
-    place_in_class = np.arange(len(labels)) - starts[sorted_labels]
-    keep = np.zeros(len(labels), dtype=bool)
-    keep[by_class[place_in_class < counts[sorted_labels]]] = True
     return LongTailSubset(
-        indices=np.flatnonzero(keep),
+        indices=_hashed_subset(labels, available, counts, seed),
         counts=counts.tolist(),
         ranks=ranks.tolist(),
         n_max=int(n_max),

@@ -42,6 +42,82 @@ def _check_temperature(name: str, value: float) -> float:
     return check_in_range(name, value, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
 
 
+def _check_inputs(
+    student_scores: Tensor,
+    teacher_scores: Tensor | None,
+    teacher_temperature: float | None,
+    teacher_probs: Tensor | None,
+    num_prototypes: int,
+) -> None:
+    """Check :meth:`DINOLoss.forward`'s inputs; a one-line ValueError names the argument.
+
+    ``student_scores`` must be ``[V_s, B, K]`` with ``V_s >= 2``; exactly one of
+    ``teacher_scores`` (with ``teacher_temperature``) or ``teacher_probs`` (without) is
+    given, ``[V_t, B, K]`` with ``V_t <= V_s``.
+    """
+    _check_views("student_scores", student_scores, num_prototypes)
+    num_student, batch = student_scores.shape[:2]
+    if num_student < 2:
+        raise ValueError(
+            "student_scores must hold at least 2 views (one teacher/student pair), "
+            f"got shape {tuple(student_scores.shape)}"
+        )
+    if (teacher_scores is None) == (teacher_probs is None):
+        raise ValueError(
+            "give exactly one of teacher_scores or teacher_probs, got "
+            f"teacher_scores={'None' if teacher_scores is None else 'a tensor'} and "
+            f"teacher_probs={'None' if teacher_probs is None else 'a tensor'}"
+        )
+
+    if teacher_scores is not None:
+        name, teacher = "teacher_scores", teacher_scores
+        if teacher_temperature is None:
+            raise ValueError("teacher_temperature is required with teacher_scores, got None")
+    else:
+        name, teacher = "teacher_probs", teacher_probs
+        if teacher_temperature is not None:
+            raise ValueError(
+                "teacher_temperature must be None with teacher_probs (targets are used "
+                f"as-is), got {teacher_temperature!r}"
+            )
+    _check_views(name, teacher, num_prototypes)
+    if teacher.shape[1] != batch:
+        raise ValueError(
+            f"{name} must have the batch size of student_scores {tuple(student_scores.shape)}"
+            f", got shape {tuple(teacher.shape)}"
+        )
+    if teacher.shape[0] > num_student:
+        raise ValueError(
+            f"{name} must have at most as many views as student_scores "
+            f"{tuple(student_scores.shape)}, got shape {tuple(teacher.shape)}"
+        )
+
+
+def _mean_cross_entropy(targets: Tensor, log_probs: Tensor) -> Tensor:
+    """Mean over (teacher view ``t``, student crop ``v != t``) of the batch-mean ``H``.
+
+    Args:
+        targets: ``[V_t, B, K]`` teacher distributions.
+        log_probs: ``[V_s, B, K]`` student log-probabilities (``V_s >= 2``, ``V_t <= V_s``).
+
+    Returns:
+        The scalar ``sum_t sum_{v != t} H(targets[t], log_probs[v]) / (V_t * (V_s - 1))``,
+        summed in DINO's order (teacher view by teacher view).
+    """
+    num_teacher, num_student = targets.shape[0], log_probs.shape[0]
+    # In the targets' dtype (the compute dtype) on the student's device, as the loss is.
+    total = log_probs.new_zeros((), dtype=targets.dtype)
+    for t in range(num_teacher):
+        # [V_s]: batch-mean cross-entropy of teacher view t against every student crop.
+        ce = -(targets[t] * log_probs).sum(dim=-1).mean(dim=-1)
+        # Drop the same-view term by a 0/1 weight, not boolean indexing (which would
+        # force a device sync to size its result).
+        others = torch.ones_like(ce)
+        others[t] = 0.0
+        total = total + (ce * others).sum()
+    return total / (num_teacher * (num_student - 1))
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between centred, sharpened teacher and student prototype distributions.
 
@@ -166,43 +242,9 @@ class DINOLoss(nn.Module):
             ValueError: on a bad shape, a missing or doubled target input, or a
                 non-positive temperature; the message names the argument.
         """
-        _check_views("student_scores", student_scores, self.num_prototypes)
-        num_student, batch = student_scores.shape[:2]
-        if num_student < 2:
-            raise ValueError(
-                "student_scores must hold at least 2 views (one teacher/student pair), "
-                f"got shape {tuple(student_scores.shape)}"
-            )
-        if (teacher_scores is None) == (teacher_probs is None):
-            raise ValueError(
-                "give exactly one of teacher_scores or teacher_probs, got "
-                f"teacher_scores={'None' if teacher_scores is None else 'a tensor'} and "
-                f"teacher_probs={'None' if teacher_probs is None else 'a tensor'}"
-            )
-
-        if teacher_scores is not None:
-            name, teacher = "teacher_scores", teacher_scores
-            if teacher_temperature is None:
-                raise ValueError("teacher_temperature is required with teacher_scores, got None")
-        else:
-            name, teacher = "teacher_probs", teacher_probs
-            if teacher_temperature is not None:
-                raise ValueError(
-                    "teacher_temperature must be None with teacher_probs (targets are used "
-                    f"as-is), got {teacher_temperature!r}"
-                )
-        _check_views(name, teacher, self.num_prototypes)
-        num_teacher = teacher.shape[0]
-        if teacher.shape[1] != batch:
-            raise ValueError(
-                f"{name} must have the batch size of student_scores {tuple(student_scores.shape)}"
-                f", got shape {tuple(teacher.shape)}"
-            )
-        if num_teacher > num_student:
-            raise ValueError(
-                f"{name} must have at most as many views as student_scores "
-                f"{tuple(student_scores.shape)}, got shape {tuple(teacher.shape)}"
-            )
+        _check_inputs(
+            student_scores, teacher_scores, teacher_temperature, teacher_probs, self.num_prototypes
+        )
 
         dtype = compute_dtype(student_scores)
         if teacher_scores is not None:
@@ -215,16 +257,7 @@ class DINOLoss(nn.Module):
         # student under autocast gets the same log-probabilities as in full precision.
         log_probs = F.log_softmax(student_scores.to(dtype) / self.student_temperature, dim=-1)
 
-        total = student_scores.new_zeros((), dtype=dtype)
-        for t in range(num_teacher):
-            # [V_s]: batch-mean cross-entropy of teacher view t against every student crop.
-            ce = -(targets[t] * log_probs).sum(dim=-1).mean(dim=-1)
-            # Drop the same-view term by a 0/1 weight, not boolean indexing (which would
-            # force a device sync to size its result).
-            others = torch.ones_like(ce)
-            others[t] = 0.0
-            total = total + (ce * others).sum()
-        loss = total / (num_teacher * (num_student - 1))
+        loss = _mean_cross_entropy(targets, log_probs)
 
         if teacher_scores is not None and update_center:
             self.update_center(teacher_scores)
