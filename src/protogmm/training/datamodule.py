@@ -22,12 +22,15 @@ Unreadable image files (``folder`` only; the other datasets are arrays) follow
 ``on_bad_image`` and ``scan_images``: see :mod:`protogmm.data.bad_images`. Files on disk
 (``folder``, CIFAR) are listed, and scanned when asked, as the data module is built, so
 layout errors and unreadable files stop a run before its trainer starts.
+
+The arguments are checked by :mod:`protogmm.training.data_settings`, the splits built by
+:mod:`protogmm.training.data_splits` and ``class_counts.json`` assembled by
+:mod:`protogmm.training.class_counts`; the data module ties them to Lightning.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,45 +41,36 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import Compose
 
-from protogmm._checks import check_choice, check_in_range, check_positive_int
+from protogmm._checks import check_choice
 from protogmm.data import (
     MAX_IMAGE_PIXELS,
-    CIFARImages,
-    ClassFolderImages,
     ConvertMode,
-    EmbeddedMNIST,
     LabelledSubset,
     MultiCropTransform,
     SkipBadImages,
-    SyntheticImages,
     TransformedDataset,
-    check_same_classes,
-    drop_bad_images,
     eval_transform,
     hash_order,
     long_tail_subset,
-    scan_images,
-    stratified_split,
 )
 from protogmm.data.longtail import LongTailSubset
 from protogmm.evaluation.longtail import FrequencyGroups, frequency_groups
-from protogmm.training.reliability import (
-    ResumableDataLoader,
-    ResumableDistributedSampler,
-    read_checkpoint,
+from protogmm.training.atomic_io import read_checkpoint
+from protogmm.training.class_counts import class_counts, class_counts_json
+from protogmm.training.data_position import ResumableDataLoader, ResumableDistributedSampler
+from protogmm.training.data_settings import (  # noqa: F401 (DATASETS: imported from here)
+    DATASETS,
+    FILE_DATASETS,
+    DatasetName,
+    check_data_settings,
 )
+from protogmm.training.data_splits import base_splits
 
-DatasetName = Literal["mnist5k", "synthetic", "folder", "cifar10", "cifar100"]
-DATASETS: tuple[str, ...] = ("mnist5k", "synthetic", "folder", "cifar10", "cifar100")
-_FILE_DATASETS = ("folder", "cifar10", "cifar100")
-_HELD_OUT_FOLDERS = ("val", "test")
 #: The k-NN monitor keeps both eval-transformed splits in memory up to this size (float32):
 #: MNIST-5k takes 16 MB, CIFAR-10 at 32 px 737 MB; ImageNet is streamed.
 KNN_CACHE_BYTES = 1 << 30
 #: An evaluation batch holds at most this many input values (16 M: 64 MB of float32).
 EVAL_BATCH_VALUES = 1 << 24
-
-logger = logging.getLogger("protogmm.data")
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -163,63 +157,11 @@ class SSLDataModule(L.LightningDataModule):
         knn_test_samples: int = 5000,
     ) -> None:
         super().__init__()
-        check_choice("data.dataset", dataset, DATASETS)
-        check_positive_int("data.batch_size", batch_size)
-        check_positive_int("data.num_workers", num_workers, minimum=0)
-        check_positive_int("data.num_local_crops", num_local_crops, minimum=0)
-        check_positive_int("data.max_train_samples", max_train_samples, minimum=0)
-        check_positive_int("data.knn_train_samples", knn_train_samples, minimum=0)
-        check_positive_int("data.knn_test_samples", knn_test_samples, minimum=0)
-        check_in_range("data.synthetic_imbalance_ratio", synthetic_imbalance_ratio, 1.0, 1e6)
-        check_positive_int("data.synthetic_classes", synthetic_classes)
-        # The held-out split draws half as many images, and each split needs every class once.
-        check_positive_int(
-            "data.synthetic_samples", synthetic_samples, minimum=2 * synthetic_classes
-        )
-        check_positive_int("data.seed", seed, minimum=0)
-        check_in_range(
-            "data.test_fraction", test_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False
-        )
-        check_in_range("data.imbalance_ratio", imbalance_ratio, 1.0, 1e6)
-        if imbalance_n_max is not None:
-            check_positive_int("data.imbalance_n_max", imbalance_n_max)
-        check_choice("data.imbalance_class_order", imbalance_class_order, ("index", "seeded"))
-        check_choice("data.on_bad_image", on_bad_image, ("error", "skip"))
-        if not isinstance(scan_images, bool):
-            raise ValueError(f"data.scan_images must be true or false, got {scan_images!r}")
-        if max_image_pixels is not None:
-            check_positive_int("data.max_image_pixels", max_image_pixels)
-        if dataset in _FILE_DATASETS:
-            if not root:
-                raise ValueError(f"data.root is required for data.dataset={dataset!r}")
-            if not Path(root).is_dir():
-                raise FileNotFoundError(f"data.root: folder not found: {root}")
-        if len(tuple(longtail_thresholds)) != 2:
-            raise ValueError(
-                f"data.longtail_thresholds must be a pair (many, few), got {longtail_thresholds!r}"
-            )
-        try:
-            frequency_groups(
-                [1], *longtail_thresholds, relative=longtail_thresholds_relative
-            )  # validates the pair
-        except ValueError as error:
-            raise ValueError(f"data.longtail_thresholds: {error}") from None
-
-        native_size = {"mnist5k": 28, "synthetic": synthetic_image_size}.get(dataset, 32)
-        if image_size is None and dataset == "folder":
-            raise ValueError(
-                "data.image_size is required for data.dataset='folder' (e.g. 224 for "
-                "ImageNet-style photos, 32 for CIFAR-sized images)"
-            )
-        native_channels = 1 if dataset in ("mnist5k", "synthetic") else 3
-        image_size = native_size if image_size is None else image_size
-        in_channels = native_channels if in_channels is None else in_channels
-        check_positive_int("data.image_size", image_size, minimum=8)
-        if isinstance(in_channels, bool) or in_channels not in (1, 3):
-            raise ValueError(f"data.in_channels must be 1 or 3, got {in_channels!r}")
         self.save_hyperparameters()
-        # Stored resolved, not None: Lightning merges these hparams with the model's, which
-        # get the same values (linked by the CLI), and refuses keys whose values differ.
+        # Checked as passed (None where the dataset decides), then the resolved values are
+        # stored, not None: Lightning merges these hparams with the model's, which get the
+        # same values (linked by the CLI), and refuses keys whose values differ.
+        image_size, in_channels = check_data_settings(self.hparams)
         self.save_hyperparameters({"image_size": image_size, "in_channels": in_channels})
         self.image_size, self.in_channels = image_size, in_channels
         self.image_mode = "L" if in_channels == 1 else "RGB"
@@ -241,104 +183,12 @@ class SSLDataModule(L.LightningDataModule):
         self._knn_cache: list[TensorDataset] | None = None
         self._restored_skips: dict[str, list[str]] = {}
         self.long_tail: LongTailSubset | None = None
-        if dataset in _FILE_DATASETS:
+        if dataset in FILE_DATASETS:
             # List (and scan) the files now: a missing folder, mismatched classes or an
             # unreadable file is then a one-line error before the trainer is even built.
             self.labelled_split("train")
 
     # ------------------------------------------------------------------ datasets
-    def _base_splits(self) -> dict[str, Any]:
-        """The labelled train and held-out datasets, untransformed, before any subsampling."""
-        hp = self.hparams
-        if hp.dataset == "mnist5k":
-            return {
-                split: EmbeddedMNIST(split=split, test_fraction=hp.test_fraction, seed=hp.seed)
-                for split in ("train", "test")
-            }
-        if hp.dataset == "synthetic":
-            # The synthetic "test" split is a second draw of the same class templates.
-            return {
-                split: SyntheticImages(
-                    num_samples=hp.synthetic_samples
-                    if split == "train"
-                    else hp.synthetic_samples // 2,
-                    num_classes=hp.synthetic_classes,
-                    image_size=hp.synthetic_image_size,
-                    in_channels=self.in_channels,
-                    imbalance_ratio=hp.synthetic_imbalance_ratio,
-                    seed=hp.seed,
-                    sample_seed=hp.seed + (0 if split == "train" else 1),
-                )
-                for split in ("train", "test")
-            }
-        if hp.dataset in ("cifar10", "cifar100"):
-            return {
-                split: CIFARImages(hp.root, split=split, variant=hp.dataset)
-                for split in ("train", "test")
-            }
-        return self._folder_splits(Path(hp.root))
-
-    def _folder_splits(self, root: Path) -> dict[str, Any]:
-        """``root/train`` + ``root/val`` (or ``test``), or one folder split by class."""
-        held_out = next((root / n for n in _HELD_OUT_FOLDERS if (root / n).is_dir()), None)
-        if (root / "train").is_dir():
-            if held_out is None:
-                raise FileNotFoundError(
-                    f"{root / 'train'} found but no {root / 'val'} or {root / 'test'}: add the "
-                    f"held-out split, or set data.root={root / 'train'} to split it by class"
-                )
-            train = self._scanned(
-                ClassFolderImages(
-                    root / "train", self.in_channels, max_image_pixels=self.hparams.max_image_pixels
-                ),
-                "train",
-            )
-            test = self._scanned(
-                ClassFolderImages(
-                    held_out, self.in_channels, max_image_pixels=self.hparams.max_image_pixels
-                ),
-                "test",
-            )
-            check_same_classes(train.classes, str(root / "train"), test.classes, str(held_out))
-            # Interleave the classes (files are listed class by class), so that a prefix
-            # (max_train_samples) is a sample of every class.
-            return {
-                "train": LabelledSubset(train, hash_order(len(train), self.hparams.seed)),
-                "test": test,
-            }
-        full = self._scanned(
-            ClassFolderImages(
-                root, self.in_channels, max_image_pixels=self.hparams.max_image_pixels
-            ),
-            "all",
-        )
-        train_idx, test_idx = stratified_split(
-            full.labels, self.hparams.test_fraction, self.hparams.seed
-        )
-        return {"train": LabelledSubset(full, train_idx), "test": LabelledSubset(full, test_idx)}
-
-    def _scanned(self, dataset: ClassFolderImages, split: str) -> Any:
-        """``dataset``, scanned first when ``scan_images`` is on (bad files: error or drop)."""
-        if not self.hparams.scan_images:
-            return dataset
-        bad = scan_images(dataset)
-        if not bad:
-            return dataset
-        if self.hparams.on_bad_image == "error":
-            raise ValueError(
-                f"data.scan_images: {len(bad)} unreadable image file(s) among {len(dataset)} "
-                f"in {dataset.root}; first: {bad[0].reason}. Remove or replace them, or set "
-                "data.on_bad_image=skip"
-            )
-        logger.warning(
-            "data.scan_images: leaving out %d unreadable image file(s) in %s (first: %s)",
-            len(bad),
-            dataset.root,
-            bad[0].reason,
-        )
-        self._scan_skipped[split] = [b.path for b in bad]
-        return LabelledSubset(dataset, drop_bad_images(dataset, bad))
-
     def labelled_split(self, split: str) -> Any:
         """The labelled ``"train"`` (long-tailed if asked) or ``"test"`` split, cached.
 
@@ -347,7 +197,7 @@ class SSLDataModule(L.LightningDataModule):
         """
         check_choice("split", split, ("train", "test"))
         if not self._splits:
-            splits = self._base_splits()
+            splits = base_splits(self.hparams, self.in_channels, self._scan_skipped)
             hp = self.hparams
             if hp.imbalance_ratio > 1.0 or hp.imbalance_n_max is not None:
                 train = splits["train"]
@@ -477,8 +327,7 @@ class SSLDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ long tail
     def train_class_counts(self) -> list[int]:
         """Training images per class (after long-tail subsampling and dropped files)."""
-        train = self.labelled_split("train")
-        return np.bincount(train.labels, minlength=len(train.classes)).tolist()
+        return class_counts(self.labelled_split("train"))
 
     def frequency_groups(self) -> FrequencyGroups:
         """The training classes split many / medium / few by ``longtail_thresholds``."""
@@ -500,35 +349,14 @@ class SSLDataModule(L.LightningDataModule):
 
     def class_counts_record(self) -> dict[str, Any]:
         """What ``class_counts.json`` holds: the training split's per-class counts."""
-        hp = self.hparams
-        train = self.labelled_split("train")
-        groups = self.frequency_groups()
-        record: dict[str, Any] = {
-            "dataset": hp.dataset,
-            "root": hp.root,
-            "classes": [str(name) for name in train.classes],
-            "counts": self.train_class_counts(),
-            "total": len(train),
-            "held_out_counts": np.bincount(
-                self.labelled_split("test").labels, minlength=len(train.classes)
-            ).tolist(),
-            "long_tail": None,
-            "frequency_groups": groups.as_dict(),
-        }
-        if self.long_tail is not None:
-            record["long_tail"] = {
-                "formula": "n_c = max(1, floor(n_max * rho ** (-rank_c / (C - 1))))",
-                "imbalance_ratio": self.long_tail.imbalance_ratio,
-                "n_max": self.long_tail.n_max,
-                "class_order": self.long_tail.class_order,
-                "ranks": self.long_tail.ranks,
-                "seed": self.long_tail.seed,
-            }
-        if getattr(self, "pretraining_labels", None) is not None and hp.max_train_samples:
-            record["pretraining_counts"] = np.bincount(
-                self.pretraining_labels, minlength=len(train.classes)
-            ).tolist()
-        return record
+        return class_counts_json(
+            self.hparams,
+            self.labelled_split("train"),
+            self.labelled_split("test"),
+            groups=self.frequency_groups(),
+            long_tail=self.long_tail,
+            pretraining_labels=getattr(self, "pretraining_labels", None),
+        )
 
     # ------------------------------------------------------------------ unreadable files
     def skipped_images(self) -> dict[str, list[str]]:
