@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ._claim_rules import CLAIM_EPS, EARLY_FRACTION_OF_STEPS
-from ._common import load_run, mean_std, module_command
+from ._common import load_run, mean_std, module_command, normalised_model, run_hparams
 
 DEFAULT_DIRS = {
     "decoupling": Path("runs/benchmarks/decoupling"),
@@ -175,11 +175,11 @@ def group_accuracy(run: Run, protocol: str, group: str) -> float | None:
 def koleo_weight(run: Run) -> str | None:
     """The KoLeo-proto weight a run trained with, from its ``hparams.yaml``."""
     try:
-        text = (run.path / "hparams.yaml").read_text()
-    except OSError:
+        model = normalised_model(run_hparams(run.path))
+    except (OSError, ValueError):
         return None
-    match = re.search(r"^koleo_weight:\s*(\S+)", text, re.M)
-    return match.group(1) if match else None
+    weight = model["prototypes"]["init_args"].get("koleo_weight")
+    return None if weight is None else f"{weight:g}"
 
 
 # --- Formatting ----------------------------------------------------------------------------

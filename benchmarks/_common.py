@@ -149,8 +149,10 @@ def train_run(
 
     L.seed_everything(seed, verbose=False)
     datamodule = SSLDataModule(seed=seed, **data)
-    module = PrototypicalSSL(
-        in_channels=datamodule.in_channels, image_size=datamodule.image_size, **model
+    # Benchmarks describe a model in the flat layout (``{"host": "ibot", "koleo_weight":
+    # 0.1}``), which from_hparams turns into the host and prototype-kind classes.
+    module = PrototypicalSSL.from_hparams(
+        {**model, "in_channels": datamodule.in_channels, "image_size": datamodule.image_size}
     )
     trainer = build_trainer(
         run_dir,
@@ -241,19 +243,54 @@ def reusable_run(
     summary = load_run(run_dir)
     if summary.get("epochs") != epochs:
         return None
-    hparams = yaml.load((run_dir / "hparams.yaml").read_text(), Loader=_HparamsLoader) or {}
-    for key, wanted in {**model, **data}.items():
-        if isinstance(wanted, tuple):
-            wanted = list(wanted)
-        if hparams.get(key) != wanted:
+    hparams = normalised_model(run_hparams(run_dir))
+    wanted_model = normalised_model(model)
+    for key, wanted in {**wanted_model, **data}.items():
+        if _plain(hparams.get(key)) != _plain(wanted):
             return None
     if summary.get("prototypes") == "decoupled":
         made_with = summary.get("gmm")
+        overrides = wanted_model["prototypes"]["init_args"].get("gmm")
         if made_with is None or _without_anneal_steps(made_with) != _without_anneal_steps(
-            gmm_settings(model.get("gmm"))
+            gmm_settings(overrides)
         ):
             return None
     return summary
+
+
+def run_hparams(run_dir: Path) -> dict[str, Any]:
+    """A run's ``hparams.yaml`` (model and data settings), safely loaded."""
+    return yaml.load((Path(run_dir) / "hparams.yaml").read_text(), Loader=_HparamsLoader) or {}
+
+
+def normalised_model(settings: dict[str, Any]) -> dict[str, Any]:
+    """Model settings in today's layout with ``host`` and ``prototypes`` as their classes'
+    specs (only the options that differ from the defaults), so the flat layout of the
+    benchmarks and of runs before the classes compares equal to what a run records today."""
+    import warnings
+
+    from protogmm.hosts import Host
+    from protogmm.prototypes import PrototypeKind
+    from protogmm.training.legacy_hparams import upgrade_model_hparams
+
+    upgraded = upgrade_model_hparams(settings)
+    with warnings.catch_warnings():  # e.g. posterior targets without balancing: known here
+        warnings.simplefilter("ignore")
+        for key, base, default in (
+            ("host", Host, "dino"),
+            ("prototypes", PrototypeKind, "decoupled"),
+        ):
+            upgraded[key] = base.build(upgraded.get(key) or default, f"model.{key}").spec()
+    return upgraded
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (YAML gives lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def gmm_settings(overrides: dict[str, Any] | None) -> dict[str, Any]:

@@ -47,13 +47,19 @@ def protogmm_defaults() -> dict[str, Any]:
     """``PrototypicalSSL``'s default hyperparameters: the recipe both trainers share."""
     import inspect
 
+    from protogmm.hosts import DINO
+    from protogmm.prototypes import Joint
     from protogmm.training.module import PrototypicalSSL
 
-    return {
+    defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(PrototypicalSSL.__init__).parameters.items()
         if parameter.default is not inspect.Parameter.empty
     }
+    # The host's (temperatures, centre) and the joint prototypes' (the last layer's freeze).
+    defaults |= DINO().init_args()
+    defaults["freeze_prototypes_epochs"] = Joint().freeze_epochs
+    return defaults
 
 
 def teacher_knn(backbone: Any, datamodule: Any, device: Any) -> tuple[float, float]:

@@ -73,14 +73,27 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def describe(overrides: dict[str, Any]) -> str:
-    """The overrides as ``protogmm fit`` flags."""
-    flags = []
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flags += [f"--model.{key}.{k} {_flag(v)}" for k, v in value.items()]
-        else:
-            flags.append(f"--model.{key} {_flag(value)}")
+    """The overrides (flat, as :data:`ABLATIONS` writes them) as ``protogmm fit`` flags."""
+    from protogmm.training.legacy_hparams import upgrade_model_hparams
+
+    upgraded, flags = upgrade_model_hparams(overrides), []
+    for key in ("host", "prototypes"):
+        spec = upgraded.pop(key)
+        if key in overrides:
+            flags.append(f"--model.{key} {spec['class_path'].rsplit('.', 1)[1]}")
+        flags += _flags(f"model.{key}", spec["init_args"])
+    flags += _flags("model", {k: v for k, v in upgraded.items() if k in overrides})
     return "`" + " ".join(flags) + "`"
+
+
+def _flags(prefix: str, values: dict[str, Any]) -> list[str]:
+    flags = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flags += _flags(f"{prefix}.{key}", value)
+        else:
+            flags.append(f"--{prefix}.{key} {_flag(value)}")
+    return flags
 
 
 def _flag(value: Any) -> str:

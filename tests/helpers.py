@@ -132,7 +132,7 @@ def fit_tiny(
     bar or model summary. ``crash_at_step``: a :class:`CrashAtStep` first among the callbacks.
     """
     L.seed_everything(0, verbose=False)
-    module = PrototypicalSSL(**model)
+    module = PrototypicalSSL.from_hparams(model)
     crash = [CrashAtStep(crash_at_step)] if crash_at_step is not None else []
     settings = {
         "max_epochs": 1,

@@ -274,7 +274,9 @@ def test_long_tail_and_koleo_rows_come_from_their_own_folders(
         for slug, unique in (("joint", 10.0), ("joint-koleo", 30.0), ("decoupled", 100.0)):
             write_run(hosts, f"dino-{slug}-seed{seed}", summary(unique, 0.9, 0.1), flat)
             write_run(hosts, f"carp-{slug}-seed{seed}", summary(100.0, 0.9, 0.1), flat)
-        (hosts / f"dino-joint-koleo-seed{seed}" / "hparams.yaml").write_text("koleo_weight: 0.1\n")
+        (hosts / f"dino-joint-koleo-seed{seed}" / "hparams.yaml").write_text(
+            "prototypes: joint\nkoleo_weight: 0.1\n"
+        )
     write_run(hosts, "ibot-joint-seed0", summary(5.0, 0.9, 0.5), flat)
 
     claims.main(

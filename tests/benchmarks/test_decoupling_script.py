@@ -53,10 +53,10 @@ def test_reusable_run_accepts_only_a_run_made_with_the_same_settings(tmp_path: P
     (run / "metrics.csv").write_text("step,loss\n0,6.5\n")
     # As Lightning writes it: tuples carry a Python tag that yaml.safe_load refuses.
     (run / "hparams.yaml").write_text(
-        "prototypes: decoupled\nnum_prototypes: 4096\ngmm:\n  merge_overlap: 0.5\n"
+        "prototypes: decoupled\nnum_prototypes: 4096\ngmm:\n  merge_overlap: 0.3\n"
         "batch_size: 32\nglobal_scale: !!python/tuple\n- 0.4\n- 1.0\n"
     )
-    model = {"prototypes": "decoupled", "num_prototypes": 4096, "gmm": {"merge_overlap": 0.5}}
+    model = {"prototypes": "decoupled", "num_prototypes": 4096, "gmm": {"merge_overlap": 0.3}}
     data = {"batch_size": 32, "global_scale": (0.4, 1.0)}
 
     found = common.reusable_run(run, epochs=16, model=model, data=data)
@@ -141,3 +141,21 @@ def test_reuse_or_train_trains_unless_reuse_finds_a_run_with_the_required_key(
     assert trained == (
         ["without-key", "missing"] if reuse else ["with-key", "without-key", "missing"]
     )
+
+
+def test_reusable_run_reads_a_run_recorded_with_the_classes(tmp_path: Path) -> None:
+    """A run of today (host and kind as class specs) matches the benchmarks' flat model."""
+    run = tmp_path / "joint-koleo-seed0"
+    run.mkdir()
+    (run / "summary.json").write_text('{"epochs": 5, "prototypes": "joint"}')
+    (run / "metrics.csv").write_text("step\n0\n")
+    (run / "hparams.yaml").write_text(
+        "host:\n  class_path: protogmm.hosts.DINO\n  init_args: {}\n"
+        "prototypes:\n  class_path: protogmm.prototypes.Joint\n"
+        "  init_args:\n    koleo_weight: 0.1\n"
+    )
+    model = {"prototypes": "joint", "koleo_weight": 0.1}
+    assert common.reusable_run(run, epochs=5, model=model, data={}) is not None
+    assert common.reusable_run(run, epochs=5, model={"prototypes": "joint"}, data={}) is None
+    other_host = {**model, "host": "carp"}
+    assert common.reusable_run(run, epochs=5, model=other_host, data={}) is None

@@ -176,11 +176,10 @@ def test_protogmm_module_state_dict_gives_its_prototypes(tmp_path: Path, kind: s
     found = load_prototypes(save(tmp_path, {"state_dict": model.state_dict()}))
     if kind == "joint":
         assert list(found) == ["student/prototypes", "teacher/prototypes"]
-        expected = model.student_prototypes.prototypes().detach()
+        sets = model.prototype_sets
+        expected = sets.student.prototypes().detach()
         torch.testing.assert_close(found["student/prototypes"], expected)
-        torch.testing.assert_close(
-            found["teacher/prototypes"], model.teacher_prototypes.prototypes().detach()
-        )
+        torch.testing.assert_close(found["teacher/prototypes"], sets.teacher.prototypes().detach())
     else:
         assert list(found) == ["gmm"]
         torch.testing.assert_close(found["gmm"], model.gmm.prototypes())

@@ -11,6 +11,7 @@ import timm
 import torch
 
 from protogmm.models import build_backbone
+from protogmm.prototypes import Decoupled, Joint
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.runner import build_trainer
@@ -97,13 +98,12 @@ def test_ibot_trains_on_a_timm_vit_with_local_crops(tmp_path: Path, prototypes: 
         host="ibot",
         backbone="timm:vit_tiny_patch16_224",
         backbone_kwargs=TINY_VIT,
-        prototypes=prototypes,
+        prototypes=Decoupled(gmm={"init_samples": 0}) if prototypes == "decoupled" else Joint(),
         in_channels=1,
         image_size=32,
         num_prototypes=16,
         hidden_dim=16,
         bottleneck_dim=8,
-        gmm={"init_samples": 0},
     )
     trainer = build_trainer(
         tmp_path / "run",

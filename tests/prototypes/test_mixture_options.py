@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from protogmm.prototypes import MixtureOptions, OnlineGMM
+from protogmm.prototypes import Decoupled, MixtureOptions, OnlineGMM
 from protogmm.training.module import PrototypicalSSL
 
 
@@ -38,12 +38,18 @@ def test_coerce_and_overrides() -> None:
 
 def test_the_module_takes_options_or_a_mapping_and_saves_the_overrides() -> None:
     tiny = {"backbone_kwargs": {"width": 4}, "num_prototypes": 8, "hidden_dim": 8}
-    by_options = PrototypicalSSL(gmm=MixtureOptions(merge_overlap=None, seed=3), **tiny)
-    by_mapping = PrototypicalSSL(gmm={"merge_overlap": None, "seed": 3}, **tiny)
+    by_options = PrototypicalSSL(
+        prototypes=Decoupled(gmm=MixtureOptions(merge_overlap=None, seed=3)), **tiny
+    )
+    by_mapping = PrototypicalSSL(
+        prototypes=Decoupled(gmm={"merge_overlap": None, "seed": 3}), **tiny
+    )
     for model in (by_options, by_mapping):
-        assert model.hparams.gmm == {"merge_overlap": None, "seed": 3}  # plain values
+        saved = model.hparams.prototypes["init_args"]["gmm"]
+        assert saved == {"merge_overlap": None, "seed": 3}  # plain values
         assert model.gmm.merge_overlap is None
-    assert PrototypicalSSL(**tiny).hparams.gmm is None  # all defaults, as before
+    # All defaults: nothing saved, as before.
+    assert PrototypicalSSL(**tiny).hparams.prototypes["init_args"] == {}
 
 
 def test_fit_lists_and_validates_the_options(tmp_path: Path) -> None:
@@ -56,10 +62,10 @@ def test_fit_lists_and_validates_the_options(tmp_path: Path) -> None:
             timeout=300,
         )
 
-    help_text = fit("--help").stdout
+    help_text = fit("--model.prototypes.help", "Decoupled").stdout
     for field in dataclasses.fields(MixtureOptions):
-        assert f"--model.gmm.{field.name}" in help_text
-    bad = fit("--model.gmm.covariance", "spherical", "--trainer.max_epochs", "1")
+        assert f"--model.prototypes.gmm.{field.name}" in help_text
+    bad = fit("--model.prototypes.gmm.covariance", "spherical", "--trainer.max_epochs", "1")
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model.gmm.covariance" in lines[0], bad.stderr
+    assert len(lines) == 1 and "gmm.covariance" in lines[0], bad.stderr

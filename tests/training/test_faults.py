@@ -25,6 +25,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import TINY_FIT, TINY_MODEL, child_environment, logged, tiny_data
 from protogmm.cli import main
+from protogmm.hosts import DINO, IBOT
+from protogmm.prototypes import Joint
 from protogmm.training.checkpoints import load_module
 from protogmm.training.datamodule import datamodule_from_checkpoint
 from protogmm.training.distributed import check_launch
@@ -215,7 +217,7 @@ def guarded_fit(
 ) -> tuple[PrototypicalSSL, L.Trainer, NonFiniteGuard]:
     """Two epochs with the guard and a last.ckpt every few steps (no monitors, for speed)."""
     L.seed_everything(0, verbose=False)
-    model = model or PrototypicalSSL(**MODEL)
+    model = model or PrototypicalSSL.from_hparams(MODEL)
     guard = NonFiniteGuard(action, max_consecutive_skips=max_consecutive_skips)
     trainer = L.Trainer(
         default_root_dir=run_dir,
@@ -281,19 +283,19 @@ def test_nan_input_with_skip_trains_nothing_on_that_step_and_counts_it(tmp_path:
 
 def nan_loss_at(model: PrototypicalSSL, step: int) -> PrototypicalSSL:
     """Makes the host loss NaN at ``step`` (inputs, embeddings and mixture stay finite)."""
-    objective_forward = model.objective.forward
+    objective_forward = model.host.objective.forward
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         loss = objective_forward(*args, **kwargs)
         return loss * math.nan if model.global_step == step else loss
 
-    model.objective.forward = forward
+    model.host.objective.forward = forward
     return model
 
 
 @pytest.mark.parametrize("action", ["stop", "skip"])
 def test_a_nan_loss_stops_or_is_skipped(tmp_path: Path, action: str) -> None:
-    model = nan_loss_at(PrototypicalSSL(**MODEL), step=3)
+    model = nan_loss_at(PrototypicalSSL.from_hparams(MODEL), step=3)
     if action == "stop":
         with pytest.raises(NonFiniteError, match=r"^step 3: non-finite loss \(loss: 1 NaN"):
             guarded_fit(tmp_path, action, model=model)
@@ -309,7 +311,7 @@ def test_a_nan_loss_stops_or_is_skipped(tmp_path: Path, action: str) -> None:
 
 
 def test_a_nonfinite_mixture_statistic_stops_even_when_skipping(tmp_path: Path) -> None:
-    model = PrototypicalSSL(**MODEL)
+    model = PrototypicalSSL.from_hparams(MODEL)
     update = model.gmm.update
 
     def corrupting_update(h: torch.Tensor) -> torch.Tensor:
@@ -339,7 +341,7 @@ class PoisonTeacher(L.Callback):
 
 
 def test_nonfinite_teacher_embeddings_stop_before_they_reach_the_mixture(tmp_path: Path) -> None:
-    model = PrototypicalSSL(**MODEL)
+    model = PrototypicalSSL.from_hparams(MODEL)
     with pytest.raises(NonFiniteError, match=r"^step 3: non-finite teacher embeddings"):
         guarded_fit(tmp_path, "skip", callbacks=(PoisonTeacher(3),), model=model)
     assert model.gmm.step == 3  # the mixture never saw step 3's embeddings
@@ -371,9 +373,12 @@ def fit_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[s
     [
         ("--model.num_prototypes=64", "model.num_prototypes is 32 in the checkpoint but 64"),
         ("--model.bottleneck_dim=8", "model.bottleneck_dim is 16 in the checkpoint but 8"),
-        ("--model.prototypes=joint", "model.prototypes is 'decoupled' in the checkpoint"),
-        ("--model.host=carp", "model.host is 'dino' in the checkpoint but 'carp'"),
-        ("--model.gmm={covariance: isotropic}", "model.gmm is None in the checkpoint"),
+        ("--model.prototypes=Joint", "model.prototypes is 'Decoupled' in the checkpoint"),
+        ("--model.host=CARP", "model.host is 'DINO' in the checkpoint but 'CARP'"),
+        (
+            "--model.prototypes.gmm={covariance: isotropic}",
+            "model.prototypes.gmm is None in the checkpoint",
+        ),
     ],
 )
 def test_a_checkpoint_of_another_config_is_one_line_before_any_step(
@@ -389,8 +394,8 @@ def test_a_checkpoint_of_another_config_is_one_line_before_any_step(
     code, lines = fit_cli(
         capsys,
         f"--trainer.default_root_dir={run_dir}",
-        "--model.carp_block_size=8",  # so that K = 32 is a valid CARP configuration
         override,
+        *(["--model.host.block_size=8"] if "CARP" in override else []),  # K = 32 needs it
         f"--ckpt_path={mid_epoch_checkpoint}",
     )
     assert code == 2
@@ -430,15 +435,34 @@ def test_a_changed_optimizer_layout_is_one_line_before_any_step(
     torch.save({"hyper_parameters": {"prototypes": "joint", **saved}}, path)
     hparams = {"prototypes": "joint", "prototype_lr_multiplier": now}
     if fails:
-        with pytest.raises(ValueError, match=r"model\.prototype_lr_multiplier") as error:
+        with pytest.raises(ValueError, match=r"model\.prototypes\.lr_multiplier") as error:
             check_resume_compatible(path, hparams, None, world_size=1)
         assert "\n" not in str(error.value)
     else:
         notes = check_resume_compatible(path, hparams, None, world_size=1)
-        assert notes == ([] if not saved else ["model.prototype_lr_multiplier: 3.0 -> 2.0"])
+        assert notes == ([] if not saved else ["model.prototypes.lr_multiplier: 3.0 -> 2.0"])
     # Decoupled prototypes are buffers: two groups whatever the multiplier.
     torch.save({"hyper_parameters": {"prototypes": "decoupled", **saved}}, path)
     check_resume_compatible(path, hparams | {"prototypes": "decoupled"}, None, world_size=1)
+
+
+def test_a_checkpoint_of_the_flat_layout_resumes_into_todays_classes(tmp_path: Path) -> None:
+    """Checkpoints written before the host and kind classes compare by their meaning."""
+    path = tmp_path / "flat.ckpt"
+    flat = {"host": "ibot", "prototypes": "joint", "ibot_patch_weight": 0.5, "koleo_weight": 0.1}
+    flat |= {"carp_block_size": 128, "gmm": None}  # options of other hosts and kinds: dropped
+    torch.save({"hyper_parameters": flat}, path)
+    today = {
+        "host": IBOT(patch_weight=0.5).spec(),
+        "prototypes": Joint(koleo_weight=0.1).spec(),
+    }
+    assert check_resume_compatible(path, today, None, world_size=1) == []
+    notes = check_resume_compatible(
+        path, today | {"host": IBOT(patch_weight=1.0).spec()}, None, world_size=1
+    )
+    assert notes == ["model.host.patch_weight: 0.5 -> 1.0"]
+    with pytest.raises(ValueError, match=r"model\.host is 'IBOT' in the checkpoint but 'DINO'"):
+        check_resume_compatible(path, today | {"host": DINO().spec()}, None, world_size=1)
 
 
 TORCHRUN_2_PER_NODE = {

@@ -20,6 +20,9 @@ from helpers import (
     one_step,
     training_batch,
 )
+from protogmm.hosts import StepContext
+from protogmm.hosts.ibot import embed_tokens
+from protogmm.prototypes.kinds import PrototypeKind
 from protogmm.prototypes.koleo import koleo_proto_loss
 from protogmm.training.module import PrototypicalSSL
 
@@ -37,7 +40,7 @@ def host_options(host: str, kind: str, **kwargs: object) -> dict[str, object]:
 
 
 def host_model(host: str, kind: str, **kwargs: object) -> PrototypicalSSL:
-    return PrototypicalSSL(**host_options(host, kind, **kwargs))
+    return PrototypicalSSL.from_hparams(host_options(host, kind, **kwargs))
 
 
 def fit(
@@ -79,7 +82,7 @@ def test_host_trains_through_lightning(tmp_path: Path, host: str, kind: str, ext
     for column in (*terms, "knn/top1", "unique_pct/eps=0.025"):
         assert column in header, column
     if host == "carp":
-        assert int(model.objective.num_partitions) == 4  # one fresh partition per step
+        assert int(model.host.objective.num_partitions) == 4  # one fresh partition per step
     if kind == "decoupled":
         assert model.gmm.step == 4
         if host == "ibot" and model.patch_gmm is not None:
@@ -135,7 +138,7 @@ def test_decoupled_variants_take_a_finite_step(host: str, extra: dict) -> None:
     assert math.isfinite(loss.item())
     assert model.gmm.step == 1
     if extra.get("ibot_patch_prototypes") == "shared":
-        assert model.patch_gmm is None and model.student_patch_prototypes is model.gmm
+        assert model.patch_gmm is None and model.prototype_sets.student_patch is model.gmm
     assert any(p.grad is not None for p in model.student["backbone"].parameters())
 
 
@@ -148,9 +151,9 @@ def test_ibot_gradients_reach_the_mask_token_and_the_student_only(kind: str) -> 
     assert model.student["backbone"].mask_token.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.teacher.parameters())
     if kind == "joint":
-        for prototypes in model.learned_prototype_sets():
+        for prototypes in model.prototype_sets.learned:
             assert prototypes.weight.grad.abs().sum() > 0
-        assert len(model.learned_prototype_sets()) == 2  # [CLS] and separate patch sets
+        assert len(model.prototype_sets.learned) == 2  # [CLS] and separate patch sets
     else:
         for mixture in (model.gmm, model.patch_gmm):
             assert mixture.step == 1 and list(mixture.parameters()) == []
@@ -165,19 +168,20 @@ def test_ibot_patch_loss_in_the_step_equals_the_objective_on_the_same_tensors() 
     views = step_batch[0]
     # The same masks in both (a function of seed, rank and step): the difference of the two
     # losses is the patch loss, computed here independently from the same embeddings.
-    masks = model.ibot_masks(2 * views[0].shape[0])
-    assert torch.equal(masks, twin.ibot_masks(2 * views[0].shape[0]))
+    ctx, twin_ctx = (m.step_context(m.schedule_at(STEP, 10, 4)) for m in (model, twin))
+    masks = model.host.masks(ctx, 2 * views[0].shape[0])
+    assert torch.equal(masks, twin.host.masks(twin_ctx, 2 * views[0].shape[0]))
     with torch.no_grad():
         global_views = torch.cat(views[:2])
-        _, teacher_patches = twin.embed_tokens(twin.teacher, global_views)
+        _, teacher_patches = embed_tokens(twin.teacher, global_views)
         _, patch_tokens = twin.student["backbone"].forward_tokens(global_views, masks)
         student_masked = twin.student["head"](patch_tokens[masks.flatten(1)])
-        teacher_scores = twin.teacher_patch_prototypes(teacher_patches.flatten(0, 1))
+        teacher_scores = twin.prototype_sets.teacher_patch(teacher_patches.flatten(0, 1))
         targets = torch.softmax(
             teacher_scores.view(*teacher_patches.shape[:2], -1)[masks.flatten(1)] / 0.07, dim=-1
         )  # the patch centre starts at 0, tau_t2 = 0.07 without warm-up
         student_log_p = torch.log_softmax(
-            twin.student_patch_prototypes(student_masked).double() / 0.1, dim=-1
+            twin.prototype_sets.student_patch(student_masked).double() / 0.1, dim=-1
         )
         per_token = -(targets.double() * student_log_p).sum(-1)
         counts = masks.flatten(1).sum(1)
@@ -193,22 +197,25 @@ def test_ibot_patch_loss_in_the_step_equals_the_objective_on_the_same_tensors() 
 def test_ibot_patch_gmm_sees_a_bounded_seeded_subset() -> None:
     model = host_model("ibot", "decoupled", ibot_patch_gmm_samples=30)
     patches = torch.randn(8, 16, 16)
-    first, again = model.sample_patches(patches), model.sample_patches(patches)
+    ctx = model.step_context({})
+    first, again = model.host.sample_patches(ctx, patches), model.host.sample_patches(ctx, patches)
     assert first.shape == (30, 16) and torch.equal(first, again)
     rows = {tuple(row.tolist()) for row in patches.flatten(0, 1)}
     assert all(tuple(row.tolist()) in rows for row in first)
     assert len({tuple(row.tolist()) for row in first}) == 30  # without replacement
     other = host_model("ibot", "decoupled", ibot_patch_gmm_samples=30, host_seed=1)
-    assert not torch.equal(other.sample_patches(patches), first)
-    assert model.sample_patches(patches[:1]).shape == (16, 16)  # fewer than the bound: all
+    assert not torch.equal(other.host.sample_patches(other.step_context({}), patches), first)
+    assert model.host.sample_patches(ctx, patches[:1]).shape == (16, 16)  # all, if fewer
 
 
 def test_step_seeds_differ_by_purpose_seed_and_step() -> None:
-    model = host_model("ibot", "joint")
-    seeds = {model.step_seed("ibot-mask"), model.step_seed("ibot-patch-subset")}
-    seeds.add(host_model("ibot", "joint", host_seed=7).step_seed("ibot-mask"))
-    assert len(seeds) == 3
-    masks = model.ibot_masks(16)
+    model, ctx = host_model("ibot", "joint"), StepContext(*([None] * 4), step=3)
+    seeds = {model.host.step_seed(ctx, "ibot-mask"), model.host.step_seed(ctx, "ibot-patch-subset")}
+    seeds.add(host_model("ibot", "joint", host_seed=7).host.step_seed(ctx, "ibot-mask"))
+    seeds.add(model.host.step_seed(StepContext(*([None] * 4), step=4), "ibot-mask"))
+    seeds.add(model.host.step_seed(StepContext(*([None] * 4), step=3, rank=1), "ibot-mask"))
+    assert len(seeds) == 5
+    masks = model.host.masks(ctx, 16)
     assert masks.shape == (16, 4, 4) and masks.any()
 
 
@@ -268,7 +275,7 @@ def test_koleo_gradient_pushes_the_nearest_learned_prototypes_apart() -> None:
 def test_ibot_joint_koleo_regularises_both_sets() -> None:
     L.seed_everything(0, verbose=False)
     model = host_model("ibot", "joint", koleo_weight=1.0)
-    assert len(model.learned_prototype_sets()) == 2
+    assert len(model.prototype_sets.learned) == 2
     one_step(model, step=STEP)
     assert model.student["patch"]["prototypes"].weight.grad.abs().sum() > 0
 
@@ -278,20 +285,19 @@ def test_ibot_joint_koleo_regularises_both_sets() -> None:
     ("host", "kwargs", "culprit"),
     [
         ("ibot", {"backbone": "convnet", "backbone_kwargs": {"width": 8}}, "model.host"),
-        ("carp", {"carp_block_size": 5}, "model.carp_block_size"),
-        ("carp", {"carp_block_size": 1}, "model.carp_block_size"),
-        ("ibot", {"ibot_mask_ratio": (0.1, 1.0)}, "model.ibot_mask_ratio"),
-        ("ibot", {"ibot_mask_ratio": (-0.1, 0.5)}, "model.ibot_mask_ratio"),
-        ("ibot", {"ibot_mask_probability": 2.0}, "model.ibot_mask_probability"),
-        ("carp", {"koleo_weight": -0.1, "prototypes": "joint"}, "model.koleo_weight"),
-        ("dino", {"koleo_weight": 0.1}, "model.koleo_weight"),
+        ("carp", {"carp_block_size": 5}, "model.host.block_size"),
+        ("carp", {"carp_block_size": 1}, "model.host.block_size"),
+        ("ibot", {"ibot_mask_ratio": (0.1, 1.0)}, "model.host.mask_ratio"),
+        ("ibot", {"ibot_mask_ratio": (-0.1, 0.5)}, "model.host.mask_ratio"),
+        ("ibot", {"ibot_mask_probability": 2.0}, "model.host.mask_probability"),
+        ("carp", {"koleo_weight": -0.1, "prototypes": "joint"}, "model.prototypes.koleo_weight"),
         ("dino", {"host": "swav"}, "model.host"),
         (
             "ibot",
             {"ibot_num_patch_prototypes": 16, "ibot_patch_prototypes": "shared"},
-            "model.ibot_num_patch_prototypes",
+            "model.host.num_patch_prototypes",
         ),
-        ("carp", {"carp_temperature": 0.0}, "model.carp_temperature"),
+        ("carp", {"carp_temperature": 0.0}, "model.host.temperature"),
     ],
 )
 def test_bad_host_config_names_the_key(host: str, kwargs: dict, culprit: str) -> None:
@@ -300,3 +306,10 @@ def test_bad_host_config_names_the_key(host: str, kwargs: dict, culprit: str) ->
     with pytest.raises(ValueError, match=culprit.replace(".", r"\.")) as error:
         host_model(host, kind, **kwargs)
     assert "\n" not in str(error.value)
+
+
+def test_an_option_of_another_kind_is_refused_naming_it() -> None:
+    """KoLeo-proto regularises learned prototypes: a decoupled mixture has no such option."""
+    spec = {"class_path": "Decoupled", "init_args": {"koleo_weight": 0.1}}
+    with pytest.raises(ValueError, match=r"model\.prototypes: Decoupled has no option.*koleo"):
+        PrototypeKind.build(spec, "model.prototypes")

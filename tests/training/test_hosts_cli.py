@@ -26,12 +26,17 @@ def test_each_host_config_builds_its_model_and_matches_the_demo_preset(
     host: str, kind: str
 ) -> None:
     config = model_section(f"{host}_{kind}_mnist5k.yaml")
-    assert config.get("host", "dino") == host and config["prototypes"] == kind
-    for key, value in HOST_PRESETS[host].items():
-        assert config[key] == value, key  # the demo and the config train the same model
-    merged = model_section("default.yaml") | config
-    model = PrototypicalSSL(**merged, in_channels=1, image_size=28)
-    assert model.hparams.host == host and (model.gmm is None) == (kind == "joint")
+    merged = model_section("default.yaml") | config | {"in_channels": 1, "image_size": 28}
+    model = PrototypicalSSL.from_hparams(merged)
+    assert model.host.name == host and model.kind.name == kind
+    assert (model.gmm is None) == (kind == "joint")
+    # The demo and the config train the same model: same host class, same backbone.
+    preset = PrototypicalSSL(
+        **(HOST_PRESETS[host] | {"prototypes": kind, "in_channels": 1, "image_size": 28})
+    )
+    assert type(preset.host) is type(model.host)
+    for key in ("backbone", "backbone_kwargs"):
+        assert preset.hparams[key] == model.hparams[key], key
 
 
 def test_fit_with_the_ibot_config_runs(tmp_path: Path) -> None:
@@ -64,15 +69,29 @@ def test_fit_with_the_ibot_config_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     config = (run_dir / "config.yaml").read_text()
-    assert "host: ibot" in config and "ibot_mask_ratio" in config
+    assert "class_path: protogmm.hosts.IBOT" in config and "mask_ratio:" in config
     assert "train/patch_loss" in (run_dir / "metrics.csv").read_text().splitlines()[0]
 
 
 @pytest.mark.parametrize(
     ("args", "culprit"),
     [
-        (["--model.host", "ibot"], "model.host"),  # the default ConvNet has no patch tokens
-        (["--model.ibot_mask_ratio", "[0.2, 1.0]"], "model.ibot_mask_ratio"),
+        (["--model.host", "IBOT"], "model.host"),  # the default ConvNet has no patch tokens
+        (["--model.host", "ibot"], "model.host"),  # the short name of before the classes
+        (
+            [
+                "--model.backbone",
+                "vit",
+                "--model.host",
+                "IBOT",
+                "--model.host.mask_ratio",
+                "[0.2, 1.0]",
+            ],
+            "model.host.mask_ratio",
+        ),
+        # a flat option of before the classes: where it went
+        (["--model.ibot_mask_ratio", "[0.2, 1.0]"], "moved to model.host.mask_ratio"),
+        (["--model.host", "SwAV"], "model.host: expected a class (CARP, DINO, IBOT"),
     ],
 )  # (the other host options' errors are tested in-process in test_hosts.py)
 def test_bad_host_options_are_one_line_errors_before_training(
@@ -110,15 +129,15 @@ def test_the_long_horizon_configs_match_the_benchmark_that_measured_them(kind: s
     # The budget of the BENCHMARKS.md section: 16 epochs, batch 32, K = 4096.
     assert config["trainer"]["max_epochs"] == 16 and config["data"]["batch_size"] == 32
     assert config["model"]["num_prototypes"] == 4096
-    assert config["model"]["prototypes"] == kind
+    assert config["model"]["prototypes"]["class_path"] == kind.capitalize()
     if kind == "decoupled":
         # Measured as the section's "decoupled" row, i.e. with split and merge on (the
         # default), which the "no split and merge" row turns off.
         plain = ABLATIONS["no split and merge (plain online EM)"]["gmm"]
         assert plain == {"merge_overlap": None, "reseed_min_share": None}
-        assert not set(plain) & set(config["model"]["gmm"])
+        assert not set(plain) & set(config["model"]["prototypes"]["init_args"]["gmm"])
     merged = model_section("default.yaml") | config["model"]
-    model = PrototypicalSSL(**merged, in_channels=1, image_size=28)
+    model = PrototypicalSSL.from_hparams(merged | {"in_channels": 1, "image_size": 28})
     assert (model.gmm is None) == (kind == "joint")
     if kind == "decoupled":
         assert model.gmm.merge_overlap == 0.5 and model.gmm.num_prototypes == 4096

@@ -21,6 +21,8 @@ from helpers import (
     tiny_data,
     training_batch,
 )
+from protogmm.hosts import Host
+from protogmm.hosts.base import embed
 from protogmm.objectives import DINOLoss
 from protogmm.objectives.balancing import sinkhorn_knopp
 from protogmm.training.module import PrototypicalSSL
@@ -30,7 +32,7 @@ MODEL = TINY_MODEL | HALF_EPOCH_WARMUP | {"teacher_temperature_warmup_epochs": 1
 
 
 def tiny_model(kind: str, **kwargs: object) -> PrototypicalSSL:
-    return PrototypicalSSL(prototypes=kind, **(MODEL | kwargs))
+    return PrototypicalSSL.from_hparams({"prototypes": kind, **(MODEL | kwargs)})
 
 
 def fit(
@@ -113,7 +115,7 @@ def test_joint_prototypes_get_gradients_and_teacher_none() -> None:
 
 def test_schedules_hit_their_endpoints() -> None:
     model = tiny_model(
-        "decoupled",
+        "joint",
         lr=0.01,
         min_lr=1e-4,
         warmup_epochs=2.0,
@@ -175,8 +177,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, kind: str) -> N
         ({"num_prototypes": 0}, "model.num_prototypes"),
         ({"backbone": "alexnet"}, "model.backbone"),
         ({"prototypes": "both"}, "model.prototypes"),
-        ({"gmm": {"eta": 2.0}}, "model.gmm"),
-        ({"gmm": {"etaa": 0.5}}, "model.gmm"),
+        ({"gmm": {"eta": 2.0}}, "model.prototypes.gmm"),
+        ({"gmm": {"etaa": 0.5}}, "model.prototypes.gmm"),
     ],
 )
 def test_bad_model_config_names_the_key(kwargs: dict, culprit: str) -> None:
@@ -197,13 +199,13 @@ def test_posterior_targets_are_tempered_and_optionally_balanced() -> None:
     posterior = posterior / posterior.sum(1, keepdim=True)  # every sample prefers component 0
     with pytest.warns(UserWarning, match="target_balancing"):
         plain = tiny_model("decoupled", targets="posterior")
-    torch.testing.assert_close(plain.posterior_targets(posterior), posterior)
+    torch.testing.assert_close(Host.posterior_targets(plain.kind, posterior), posterior)
     with pytest.warns(UserWarning, match="target_balancing"):
         soft = tiny_model("decoupled", targets="posterior", posterior_temperature=2.0)
     expected = torch.softmax(posterior.log() / 2.0, dim=1)
-    torch.testing.assert_close(soft.posterior_targets(posterior), expected)
+    torch.testing.assert_close(Host.posterior_targets(soft.kind, posterior), expected)
     balanced = tiny_model("decoupled", targets="posterior", target_balancing="sinkhorn")
-    targets = balanced.posterior_targets(posterior)
+    targets = Host.posterior_targets(balanced.kind, posterior)
     torch.testing.assert_close(targets.sum(1), torch.ones(64), atol=1e-5, rtol=0)
     assert float(targets.sum(0).max()) < 0.5 * float(posterior.sum(0).max())
 
@@ -212,13 +214,13 @@ def test_posterior_targets_warn_without_balancing_only() -> None:
     """The measured failure (one-hot targets, early representation collapse) is flagged."""
     import warnings
 
-    from protogmm.training.module import POSTERIOR_WITHOUT_BALANCING
+    from protogmm.prototypes.kinds import POSTERIOR_WITHOUT_BALANCING
 
     with pytest.warns(UserWarning) as record:
         tiny_model("decoupled", targets="posterior", target_balancing="none")
     assert [str(w.message) for w in record] == [POSTERIOR_WITHOUT_BALANCING]
-    assert "model.targets" in POSTERIOR_WITHOUT_BALANCING
-    assert "model.target_balancing" in POSTERIOR_WITHOUT_BALANCING
+    assert "model.prototypes.targets" in POSTERIOR_WITHOUT_BALANCING
+    assert "model.prototypes.target_balancing" in POSTERIOR_WITHOUT_BALANCING
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_model("decoupled", targets="posterior", target_balancing="sinkhorn")
@@ -232,7 +234,7 @@ def test_posterior_targets_warn_without_balancing_only() -> None:
 def teacher_embeddings_and_views(model: PrototypicalSSL) -> tuple[list[torch.Tensor], torch.Tensor]:
     views, _ = training_batch()
     with torch.no_grad():
-        teacher = model.embed(model.teacher, views[:2])
+        teacher = embed(model.teacher, views[:2])
     return views, teacher
 
 
@@ -245,14 +247,16 @@ def test_targets_and_loss_follow_the_capi_formulas() -> None:
     scores = F.normalize(h, dim=1) @ w.T  # [2B, K] cosines
     # Targets: Sinkhorn-Knopp of the clustering layer's scores / 0.06, no centring.
     expected_targets = sinkhorn_knopp(scores / 0.06).view(2, 8, -1)
-    targets = model.dino_targets(h, None, schedule)
+    targets = model.host.cls_targets(model.step_context(schedule), h, None)
     torch.testing.assert_close(targets, expected_targets)
-    assert torch.equal(model.objective.center, torch.zeros_like(model.objective.center))
+    center = model.host.objective.center
+    assert torch.equal(center, torch.zeros_like(center))
     # Loss: DINO on the student's own (joint) prototypes + CE(targets, softmax(scores / 0.12)).
     torch.manual_seed(1)
-    loss, _, metrics = model.dino_step(views, schedule)
+    output = model.host.step(model.step_context(schedule), views)
+    loss, metrics = output.loss, output.metrics
     with torch.no_grad():
-        student_scores = model.student["prototypes"](model.embed(model.student, views))
+        student_scores = model.student["prototypes"](embed(model.student, views))
     dino = DINOLoss(32)(student_scores.view(4, 8, -1), teacher_probs=expected_targets)
     clustering = -(expected_targets.reshape(16, -1) * F.log_softmax(scores / 0.12, 1)).sum(1)
     torch.testing.assert_close(metrics["train/clustering_loss"], clustering.mean())
@@ -264,8 +268,9 @@ def test_the_clustering_loss_trains_only_the_clustering_layer() -> None:
     L.seed_everything(0, verbose=False)
     model = tiny_model("partial")
     views, h = teacher_embeddings_and_views(model)
-    targets = model.dino_targets(h, None, model.schedule_at(0, 10, 5))
-    model.clustering_loss(h, targets).backward()
+    ctx = model.step_context(model.schedule_at(0, 10, 5))
+    targets = model.host.cls_targets(ctx, h, None)
+    model.host.clustering_loss(ctx, h, targets).backward()
     assert model.clustering.weight.grad is not None
     assert float(model.clustering.weight.grad.abs().sum()) > 0
     assert all(p.grad is None for p in model.student.parameters())  # h is detached
@@ -321,9 +326,9 @@ def test_prototype_init_scale_scales_every_learned_set_and_keeps_the_scores(
     reference = tiny_model("joint", host=host, **extra)
     L.seed_everything(0, verbose=False)
     scaled = tiny_model("joint", host=host, prototype_init_scale=scale, **extra)
-    sets = scaled.learned_prototype_sets()
+    sets = scaled.prototype_sets.learned
     assert len(sets) == (2 if host == "ibot" else 1)  # iBOT: the separate patch set too
-    for ours, theirs in zip(sets, reference.learned_prototype_sets(), strict=True):
+    for ours, theirs in zip(sets, reference.prototype_sets.learned, strict=True):
         assert torch.equal(ours.weight.norm(dim=1), scale * theirs.weight.norm(dim=1))
         assert torch.equal(ours.prototypes(), theirs.prototypes())
     # Every other parameter is drawn as before, and the teacher starts as the student's copy.
@@ -335,8 +340,9 @@ def test_prototype_init_scale_scales_every_learned_set_and_keeps_the_scores(
     for name, value in scaled.student.state_dict().items():
         assert torch.equal(teacher[name], value), name
     z = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(scaled.student_prototypes(z), reference.student_prototypes(z))
-    assert torch.equal(scaled.teacher_patch_prototypes(z), reference.teacher_patch_prototypes(z))
+    ours, theirs = scaled.prototype_sets, reference.prototype_sets
+    assert torch.equal(ours.student(z), theirs.student(z))
+    assert torch.equal(ours.teacher_patch(z), theirs.teacher_patch(z))
 
 
 def test_prototype_init_scale_leaves_decoupled_and_the_clustering_layer_alone() -> None:
@@ -450,19 +456,21 @@ def test_schedule_epochs_count_the_loader_when_max_steps_ends_the_run(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
+    ("key", "value", "culprit"),
     [
-        ("prototype_init_scale", 0.0),
-        ("prototype_init_scale", -0.1),
-        ("prototype_init_scale", float("nan")),
-        ("prototype_lr_multiplier", 0.0),
-        ("prototype_lr_multiplier", float("inf")),
-        ("schedule_steps", 0),
-        ("schedule_steps", 2.5),
-        ("schedule_steps", True),
+        ("prototype_init_scale", 0.0, "prototypes.init_scale"),
+        ("prototype_init_scale", -0.1, "prototypes.init_scale"),
+        ("prototype_init_scale", float("nan"), "prototypes.init_scale"),
+        ("prototype_lr_multiplier", 0.0, "prototypes.lr_multiplier"),
+        ("prototype_lr_multiplier", float("inf"), "prototypes.lr_multiplier"),
+        ("schedule_steps", 0, "schedule_steps"),
+        ("schedule_steps", 2.5, "schedule_steps"),
+        ("schedule_steps", True, "schedule_steps"),
     ],
 )
-def test_bad_joint_baseline_option_is_one_line_naming_the_key(key: str, value: object) -> None:
-    with pytest.raises(ValueError, match=rf"model\.{key}") as error:
+def test_bad_joint_baseline_option_is_one_line_naming_the_key(
+    key: str, value: object, culprit: str
+) -> None:
+    with pytest.raises(ValueError, match=rf"model\.{culprit}") as error:
         tiny_model("joint", **{key: value})
     assert "\n" not in str(error.value)

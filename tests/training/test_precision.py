@@ -75,7 +75,7 @@ def test_the_dino_softmaxes_run_in_float32_under_autocast() -> None:
 def test_a_bf16_training_step_matches_float32(host: str, kind: str, extra: dict) -> None:
     views, labels = training_batch(**DATA)
     torch.manual_seed(0)
-    model = PrototypicalSSL(host=host, prototypes=kind, **(TINY_MODEL | extra))
+    model = PrototypicalSSL.from_hparams({"host": host, "prototypes": kind, **(TINY_MODEL | extra)})
     if model.gmm is not None:  # fitted already: the step is an online update, not a seeding
         model.gmm.update(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)))
     bf16_model = without_a_trainer(copy.deepcopy(model))

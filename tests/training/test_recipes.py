@@ -43,7 +43,8 @@ def test_a_recipe_parses_and_builds_at_a_tiny_size(name: str, tmp_path: Path) ->
     recipe = yaml.safe_load((CONFIG_DIR / name).read_text())
     host, _, _, kind = name.removesuffix(".yaml").split("_")
     model, data = recipe["model"], recipe["data"]
-    assert model["host"] == host and model["prototypes"] == kind
+    assert model["host"]["class_path"] == host.upper()
+    assert model["prototypes"]["class_path"] == kind.capitalize()
     assert model["backbone"] == "timm:vit_small_patch16_224"
     assert (data["image_size"], data["local_size"], data["num_local_crops"]) == (224, 96, 10)
     assert model["num_prototypes"] == (65536 if host == "dino" else 8192)
@@ -53,7 +54,7 @@ def test_a_recipe_parses_and_builds_at_a_tiny_size(name: str, tmp_path: Path) ->
         in_channels=3,
         image_size=32,
     )
-    assert (module.gmm is None) == (kind == "joint")
+    assert (module.gmm is None) == (kind == "joint") and module.host.name == host
     for split in ("train", "val"):
         for label in ("a", "b"):
             folder = tmp_path / split / label

@@ -63,7 +63,7 @@ def fit(
         )
     # The resume machinery alone: no monitors, no report.
     L.seed_everything(0, verbose=False)
-    module = PrototypicalSSL(**model)
+    module = PrototypicalSSL.from_hparams(model)
     crash = [CrashAtStep(crash_at_step)] if crash_at_step is not None else []
     trainer = L.Trainer(
         default_root_dir=run_dir,

@@ -19,6 +19,7 @@ from protogmm.diagnostics import (
     unique_prototype_curve,
 )
 from protogmm.evaluation.longtail import longtail_markdown
+from protogmm.hosts.base import embed
 from protogmm.reports import markdown_table
 from protogmm.training.callbacks import pixels_long_tail, teacher_long_tail
 from protogmm.training.checkpoints import load_module
@@ -148,14 +149,15 @@ def usage_table(module: PrototypicalSSL, data: SSLDataModule) -> str:
     dataset = data.hparams.dataset
     _, test_loader = data.knn_dataloaders()
     accumulator = UsageAccumulator(module.hparams.num_prototypes)
-    tau = module.hparams.teacher_temperature
+    # The host's teacher temperature (CARP: its block softmax's), as the targets use it.
+    tau = getattr(module.host, "teacher_temperature", None) or module.host.temperature
     with torch.no_grad():
         for images, _ in test_loader:
-            embeddings = module.embed(module.teacher, [images])
+            embeddings = embed(module.teacher, [images])
             if module.gmm is not None:
                 probs = module.gmm.responsibilities(embeddings)
             else:
-                probs = torch.softmax(module.teacher_prototypes(embeddings) / tau, dim=1)
+                probs = torch.softmax(module.teacher_prototype_set()(embeddings) / tau, dim=1)
             accumulator.update(probs)
     usage = accumulator.compute()
     return markdown_table(

@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from protogmm.hosts import Host
+from protogmm.prototypes.kinds import PrototypeKind
+from protogmm.specs import ConfigSpec, class_choices
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.distributed import check_launch
+from protogmm.training.legacy_hparams import moved_option_hint
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteError, check_resume_compatible
 from protogmm.training.run_folder import claim_run_folder, resolve_checkpoint
@@ -137,9 +142,65 @@ class ConfigError(ValueError):
 
 
 def _one_line(text: str) -> str:
-    """The parser's error message (after its usage text) folded onto one line."""
+    """The parser's error message (after its usage text) folded onto one line, with where
+    an option moved when the host and prototype kinds became classes."""
     message = text[text.rfind("error:") + len("error:") :] if "error:" in text else text
-    return " ".join(message.split())[:500]
+    return _explain(" ".join(message.split()))[:500]
+
+
+#: The class-valued model options and their classes' base.
+_CLASS_OPTIONS: dict[str, type[ConfigSpec]] = {
+    "model.host": Host,
+    "model.prototypes": PrototypeKind,
+}
+
+
+def _explain(message: str) -> str:
+    """A parser message made actionable: a flat option of before the classes names its new
+    place; a bad class names the choices."""
+    for key in re.findall(r"model\.([a-z_0-9]+)", message):
+        hint = moved_option_hint(key)
+        if hint and not re.search(rf"model\.(host|prototypes)\.{key}\b", message):
+            return f"{hint} (the host and the prototype kind are classes now, with their options)"
+    for option, base in _CLASS_OPTIONS.items():
+        if f'Parser key "{option}"' not in message:
+            continue
+        problem = re.search(r"Problem with given class_path '([\w.]+)': (.*?) - Expected", message)
+        if problem:  # the class is right, one of its options is not
+            return f"{option}: {problem.group(1)}: {problem.group(2)}"
+        given = re.search(r"Given value: (\S+)", message)
+        if given:
+            choices = ", ".join(class_choices(base))
+            return (
+                f"{option}: expected a class ({choices}; its options as {option}.<option>, or "
+                f"in a config under {option}: {{class_path: ..., init_args: {{...}}}}), got "
+                f"{given.group(1)!r}; the parser said: {message}"
+            )
+    return message
+
+
+def _class_names(args: list[str]) -> list[str]:
+    """``--model.host ibot`` as ``--model.host IBOT``: the short names of before the classes
+    (any case) are taken on the command line."""
+    out = list(args)
+    for index, arg in enumerate(out):
+        for option, base in _CLASS_OPTIONS.items():
+            value_index = None
+            if arg == f"--{option}" and index + 1 < len(out):
+                value_index, value = index + 1, out[index + 1]
+            elif arg.startswith(f"--{option}="):
+                value = arg.split("=", 1)[1]
+            else:
+                continue
+            try:
+                name = type(base.build(value, option)).__name__
+            except (ValueError, TypeError):
+                continue  # a class path or a bad name: the parser judges it
+            if value_index is None:
+                out[index] = f"--{option}={name}"
+            else:
+                out[value_index] = name
+    return out
 
 
 def _check_config_files(args: list[str]) -> None:
@@ -209,6 +270,7 @@ def run_fit(args: list[str]) -> int:
         ConfigError: a bad command line or configuration (one line), before any step.
     """
     _check_config_files(args)
+    args = _class_names(args)
     cli = _build_cli(args)
     if cli is None:
         return 0

@@ -40,6 +40,8 @@ class ProjectionHead(nn.Module):
     Attributes:
         mlp: the ``nn.Sequential`` before the normalisation.
         in_dim, out_dim: input and output dimensions.
+        use_bn: whether the MLP normalises its hidden layers (iBOT then projects every
+            patch token, so the statistics are the unmasked ones).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ProjectionHead(nn.Module):
         check_positive_int("num_layers", num_layers)
         self.in_dim = in_dim
         self.out_dim = bottleneck_dim
+        self.use_bn = use_bn
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):

@@ -108,7 +108,7 @@ def export_module(module: PrototypicalSSL, out: str | os.PathLike[str]) -> tuple
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(_plain(state), str(out), metadata=metadata)
-    extra = {"format": "protogmm-prototypes/1", "prototypes": str(module.hparams.prototypes)}
+    extra = {"format": "protogmm-prototypes/1", "prototypes": module.kind.name}
     save_file(_plain(prototypes), str(prototypes_path(out)), metadata=extra)
     return out, prototypes_path(out)
 

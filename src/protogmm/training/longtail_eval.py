@@ -56,7 +56,7 @@ def teacher_long_tail(
     train_loader, test_loader = datamodule.knn_dataloaders()
     assign = None
     if with_prototypes and module.prototypes_fitted():
-        head, prototypes = module.teacher["head"], module.teacher_prototypes
+        head, prototypes = module.teacher["head"], module.teacher_prototype_set()
 
         def assign(features: torch.Tensor) -> torch.Tensor:
             return prototypes(head(features)).argmax(dim=1)

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from protogmm.hosts import Host
+from protogmm.prototypes.kinds import PrototypeKind
 from protogmm.training.atomic_io import read_checkpoint
 from protogmm.training.data_position import loader_position
 from protogmm.training.distributed import CHECKPOINT_KEY
+from protogmm.training.legacy_hparams import upgrade_model_hparams
 
 #: Model settings that define the checkpoint's state layout or the method itself. A resumed
-#: run must have the checkpoint's values (compared when both sides have the key).
+#: run must have the checkpoint's values (compared when both sides have the key). The host
+#: and the prototype kind are compared as their class (``host``) and each option
+#: (``host.<option>``), every option with its value, defaults included.
 STRUCTURAL_KEYS = (
     "host",
     "prototypes",
@@ -31,9 +37,29 @@ STRUCTURAL_KEYS = (
     "backbone_kwargs",
     "in_channels",
     "image_size",
-    "targets",
-    "gmm",
+    "prototypes.targets",
+    "prototypes.gmm",
+    "host.patch_prototypes",
+    "host.num_patch_prototypes",
 )
+
+
+def comparable_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Model settings of either layout (today's, or the flat one before the classes) as one
+    flat mapping: ``host`` and ``prototypes`` become their class names, and each of their
+    options a key of its own (``host.patch_weight``), defaults included."""
+    settings = upgrade_model_hparams(hparams)
+    with warnings.catch_warnings():  # e.g. posterior targets without balancing: not news here
+        warnings.simplefilter("ignore")
+        for key, base, default in (
+            ("host", Host, "dino"),
+            ("prototypes", PrototypeKind, "decoupled"),
+        ):
+            chosen = base.build(settings.get(key) or default, f"model.{key}")
+            settings[key] = type(chosen).__name__
+            for option, value in chosen.init_args().items():
+                settings[f"{key}.{option}"] = chosen.spec_value(option, value)
+    return settings
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -78,6 +104,7 @@ def check_resume_compatible(
     saved = checkpoint.get("hyper_parameters")
     if not isinstance(saved, Mapping):
         raise ValueError(f"{path}: not a protogmm training checkpoint (no hyper_parameters)")
+    saved, model_hparams = comparable_settings(saved), comparable_settings(model_hparams)
     for key in STRUCTURAL_KEYS:
         if key in saved and key in model_hparams and not _same(saved[key], model_hparams[key]):
             raise ValueError(
@@ -118,18 +145,19 @@ def _check_optimizer_layout(
 ) -> None:
     """Raise if the saved optimizer state cannot load into this run's optimizer groups.
 
-    ``prototype_lr_multiplier != 1`` gives learned prototypes a third group
+    A joint ``lr_multiplier != 1`` gives learned prototypes a third group
     (:meth:`PrototypicalSSL.configure_optimizers`); a multiplier changed to or from 1 would
     fail in the optimizer's own ``load_state_dict`` after the run started. A checkpoint from
     before the option counts as 1 (its two groups).
     """
-    if saved.get("prototypes", model_hparams.get("prototypes")) == "decoupled":
+    if saved["prototypes"] == "Decoupled":
         return  # buffers only: two groups whatever the multiplier
-    before = saved.get("prototype_lr_multiplier", 1.0)
-    after = model_hparams.get("prototype_lr_multiplier", 1.0)
+    before = saved.get("prototypes.lr_multiplier", 1.0)
+    after = model_hparams.get("prototypes.lr_multiplier", 1.0)
     if (before != 1.0) != (after != 1.0):
         raise ValueError(
-            f"--ckpt_path {path}: model.prototype_lr_multiplier is {before!r} in the checkpoint "
-            f"but {after!r} in this run: a multiplier of 1 keeps 2 optimizer groups, any other "
-            "value 3, so the saved optimizer state cannot load (keep it 1, or keep it not 1)"
+            f"--ckpt_path {path}: model.prototypes.lr_multiplier is {before!r} in the "
+            f"checkpoint but {after!r} in this run: a multiplier of 1 keeps 2 optimizer groups, "
+            "any other value 3, so the saved optimizer state cannot load (keep it 1, or keep "
+            "it not 1)"
         )

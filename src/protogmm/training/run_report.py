@@ -93,7 +93,7 @@ class RunReport(L.Callback):
         plots: list[tuple[str, str]] = []
         if collapse is not None and collapse.history:
             summary["unique_pct"], collapse_plots = _collapse_over_training(
-                collapse, pl_module.hparams.prototypes, run_dir
+                collapse, pl_module.kind.name, run_dir
             )
             plots += collapse_plots
         if pl_module.prototypes_fitted():
@@ -112,8 +112,9 @@ class RunReport(L.Callback):
         """What ran and what it cost: the method, K, steps, time per epoch, peak memory."""
         hp = pl_module.hparams
         summary: dict[str, Any] = {
-            "prototypes": hp.prototypes,
-            "targets": hp.targets if hp.prototypes == "decoupled" else None,
+            "host": pl_module.host.name,
+            "prototypes": pl_module.kind.name,
+            "targets": getattr(pl_module.kind, "targets", None),
             "backbone": hp.backbone,
             "num_prototypes": hp.num_prototypes,
             "epochs": trainer.current_epoch,
@@ -167,7 +168,7 @@ def _final_prototypes(
     """The final prototypes' angle flatness, and the plots of their uniqueness and geometry."""
     hp = pl_module.hparams
     prototypes = pl_module.prototype_vectors().cpu()
-    label = f"{hp.prototypes} (final)"
+    label = f"{pl_module.kind.name} (final)"
     curve = unique_prototype_curve(prototypes, DEFAULT_EPS)
     flatness = angle_flatness(prototype_angles(prototypes))
     plot_unique_vs_eps({label: curve}, {label: hp.num_prototypes}, run_dir / "unique_vs_eps.png")
