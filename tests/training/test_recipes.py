@@ -17,10 +17,17 @@ from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
 
 RECIPES = [
-    f"{host}_vits16_imagenet_{kind}.yaml"
-    for host in ("dino", "ibot")
+    f"{host}_{backbone}_imagenet_{kind}.yaml"
+    for host, backbone in (("dino", "vits16"), ("ibot", "vits16"), ("carp", "resnet50"))
     for kind in ("joint", "decoupled")
 ]
+#: Per host: the paper's backbone, local crops, K, and the tiny stand-ins it is built with
+#: here (a K that the host's blocks divide).
+EXPECTED = {
+    "dino": ("timm:vit_small_patch16_224", 10, 65536, 64),
+    "ibot": ("timm:vit_small_patch16_224", 10, 8192, 64),
+    "carp": ("timm:resnet50", 6, 65536, 1024),
+}
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -42,15 +49,20 @@ def test_a_recipe_parses_and_builds_at_a_tiny_size(name: str, tmp_path: Path) ->
     assert printed.returncode == 0, printed.stderr[-2000:]
     recipe = yaml.safe_load((CONFIG_DIR / name).read_text())
     host, _, _, kind = name.removesuffix(".yaml").split("_")
+    backbone, local_crops, num_prototypes, tiny_k = EXPECTED[host]
     model, data = recipe["model"], recipe["data"]
     assert model["host"]["class_path"] == host.upper()
     assert model["prototypes"]["class_path"] == kind.capitalize()
-    assert model["backbone"] == "timm:vit_small_patch16_224"
-    assert (data["image_size"], data["local_size"], data["num_local_crops"]) == (224, 96, 10)
-    assert model["num_prototypes"] == (65536 if host == "dino" else 8192)
-    tiny = {"embed_dim": 24, "depth": 1, "num_heads": 2}
+    assert model["backbone"] == backbone
+    assert (data["image_size"], data["local_size"], data["num_local_crops"]) == (
+        224,
+        96,
+        local_crops,
+    )
+    assert model["num_prototypes"] == num_prototypes
+    tiny = {"embed_dim": 24, "depth": 1, "num_heads": 2} if "vit" in backbone else {}
     module = PrototypicalSSL(
-        **(model | {"num_prototypes": 64, "hidden_dim": 32, "backbone_kwargs": tiny}),
+        **(model | {"num_prototypes": tiny_k, "hidden_dim": 32, "backbone_kwargs": tiny}),
         in_channels=3,
         image_size=32,
     )
@@ -65,4 +77,6 @@ def test_a_recipe_parses_and_builds_at_a_tiny_size(name: str, tmp_path: Path) ->
     datamodule = SSLDataModule(**(data | {"root": str(tmp_path), "num_workers": 0}))
     datamodule.setup("fit")
     views, _ = datamodule.train_set[0]
-    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 10
+    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * local_crops
+    optimizer = module.configure_optimizers()
+    assert type(optimizer).__name__ == ("Lars" if host == "carp" else "AdamW")

@@ -19,13 +19,13 @@ import copy
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from protogmm._checks import check_in_range, check_positive_int
+from protogmm._checks import check_choice, check_in_range, check_positive_int
 from protogmm.hosts import DINO, Host, StepContext
 from protogmm.models import ProjectionHead, build_backbone, make_teacher, update_ema_
 from protogmm.prototypes import OnlineGMM, PrototypeSet
@@ -35,6 +35,7 @@ from protogmm.prototypes.sets import PrototypeSets, add_prototype_modules
 from protogmm.schedules import cosine_ramp, warmup_cosine
 from protogmm.training.distributed import capture_rng_state, restore_rng_state
 from protogmm.training.legacy_hparams import upgrade_model_hparams
+from protogmm.training.optimization import build_optimizer, parameter_groups
 
 #: State-dict prefixes of the host's objectives before they moved into ``host`` (old
 #: checkpoints are renamed as they load).
@@ -84,6 +85,11 @@ class PrototypicalSSL(L.LightningModule):
             so a run of M < N steps is the first M steps of an N-step run (DINO's collapse
             happens in its first 10 of 100 epochs). The options in epochs stay in epochs of
             the real training loader. None: the run's length (the default).
+        optimizer: ``"adamw"`` (DINO's ViTs), ``"lars"`` (DINO's and CARP's ResNet-50:
+            timm's LARS, momentum 0.9, trust coefficient 0.001, the layer-wise trust ratio on
+            the decayed group only, so biases and norms are not adapted, as DINO's LARS
+            filter) or ``"sgd"`` (momentum 0.9). Every one follows the same learning-rate and
+            weight-decay schedules and keeps the same parameter groups.
     """
 
     #: The run's :class:`~protogmm.training.reliability.NonFiniteGuard` (it installs itself
@@ -114,6 +120,7 @@ class PrototypicalSSL(L.LightningModule):
         weight_decay_end: float = 0.4,
         teacher_momentum: float = 0.996,
         schedule_steps: int | None = None,
+        optimizer: Literal["adamw", "lars", "sgd"] = "adamw",
     ) -> None:
         super().__init__()
         _check_arguments(locals())
@@ -290,7 +297,8 @@ class PrototypicalSSL(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW with DINO's two groups: weights decayed, biases and norms not.
+        """The optimizer (AdamW by default) over DINO's two groups: weights decayed, biases
+        and norms not.
 
         With a joint ``lr_multiplier != 1``, a third group: the jointly learned prototypes
         (decayed, as in the first group), whose learning rate the multiplier scales. At 1 the
@@ -299,29 +307,11 @@ class PrototypicalSSL(L.LightningModule):
         """
         kind = self.kind
         multiplier = kind.lr_multiplier if isinstance(kind, Joint) else 1.0
-        learned = [p for prototypes in self.prototype_sets.learned for p in prototypes.parameters()]
-        separate = {id(param) for param in learned} if multiplier != 1.0 else set()
-        decayed, not_decayed, prototypes = [], [], []
-        for name, param in self.student.named_parameters():
-            if id(param) in separate:
-                prototypes.append(param)
-            elif param.ndim <= 1 or name.endswith(".bias"):
-                not_decayed.append(param)
-            else:
-                decayed.append(param)
-        # Partial: the clustering layer is trained by its own loss only (CAPI uses a separate
-        # AdamW; one optimizer is the same update, since no other loss reaches it), no decay.
-        if self.prototype_sets.clustering is not None:
-            not_decayed += list(self.prototype_sets.clustering.parameters())
-        groups: list[dict[str, Any]] = [
-            {"params": decayed},
-            {"params": not_decayed, "weight_decay": 0.0},
-        ]
-        self.group_schedule = [(1.0, True), (1.0, False)]
-        if prototypes:
-            groups.append({"params": prototypes, "lr": self.hparams.lr * multiplier})
-            self.group_schedule.append((multiplier, True))
-        return torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        groups, self.group_schedule = parameter_groups(
+            self.student, self.prototype_sets, multiplier, self.hparams.lr
+        )
+        hp = self.hparams
+        return build_optimizer(hp.optimizer, groups, hp.lr, hp.weight_decay)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Every step, from the step alone: a resumed optimizer (whose saved groups carry the
@@ -414,6 +404,7 @@ def _check_arguments(args: Mapping[str, Any]) -> None:
     check_in_range("model.teacher_momentum", args["teacher_momentum"], 0.0, 1.0)
     if args["schedule_steps"] is not None:
         check_positive_int("model.schedule_steps", args["schedule_steps"])
+    check_choice("model.optimizer", args["optimizer"], ("adamw", "lars", "sgd"))
 
 
 def _rename_moved_state(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
