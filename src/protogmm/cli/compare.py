@@ -12,29 +12,57 @@ from protogmm.diagnostics import plot_unique_vs_eps
 from protogmm.diagnostics.plots import plot_collapse_over_training
 from protogmm.reports import demo_table
 from protogmm.training.callbacks import TRAINING_EPS
+from protogmm.training.run_logger import TENSORBOARD_EVENTS
 
 
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """A run directory's ``summary.json`` and its unique-prototype history from metrics.csv.
+    """A run directory's ``summary.json`` and its unique-prototype history, from
+    ``metrics.csv`` or, for a run logged with ``--logger tensorboard``, its event files.
 
     Args:
         run_dir: a run directory of ``protogmm fit`` or ``protogmm demo``.
 
     Raises:
-        ValueError: the folder lacks ``summary.json`` or ``metrics.csv``.
+        ValueError: the folder lacks ``summary.json``, or both ``metrics.csv`` and events.
     """
     summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.csv"
-    if not run_dir.is_dir() or not summary_path.is_file() or not metrics_path.is_file():
+    events = sorted(run_dir.glob(TENSORBOARD_EVENTS))
+    if not run_dir.is_dir() or not summary_path.is_file() or not (metrics_path.is_file() or events):
         raise ValueError(
-            f"{run_dir}: not a protogmm run directory (needs summary.json and metrics.csv)"
+            f"{run_dir}: not a protogmm run directory (needs summary.json, and metrics.csv or "
+            "TensorBoard event files)"
         )
+    if metrics_path.is_file():
+        history = _csv_history(metrics_path)
+    else:
+        history = _tensorboard_history(events)
+    return json.loads(summary_path.read_text()), history
+
+
+def _csv_history(path: Path) -> list[dict[str, float]]:
     history = []
-    with open(metrics_path, newline="") as handle:
+    with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
             values = {k: float(v) for k, v in row.items() if k.startswith("unique_pct/") and v}
             if values:
                 history.append({"step": float(row["step"]), **values})
-    return json.loads(summary_path.read_text()), history
+    return history
+
+
+def _tensorboard_history(paths: list[Path]) -> list[dict[str, float]]:
+    """The ``unique_pct/*`` scalars of the event files, one row per step (a resumed run's
+    later file wins where steps repeat)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows: dict[int, dict[str, float]] = {}
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag.startswith("unique_pct/"):
+                for event in events.Scalars(tag):
+                    rows.setdefault(event.step, {"step": float(event.step)})[tag] = event.value
+    return [rows[step] for step in sorted(rows)]
 
 
 def run_compare(argv: list[str]) -> int:

@@ -31,6 +31,7 @@ from protogmm.training.legacy_hparams import moved_option_hint
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteError, check_resume_compatible
 from protogmm.training.run_folder import claim_run_folder, resolve_checkpoint
+from protogmm.training.run_logger import run_loggers
 from protogmm.training.runner import run_callbacks, with_atomic_checkpoints
 
 #: The shipped YAML configs; ``default.yaml`` is every fit's first config file.
@@ -87,6 +88,13 @@ class ProtoCLI(LightningCLI):
             "features over the k-NN bank fit this many MB (else one log line says so)",
         )
         parser.add_argument(
+            "--logger",
+            type=Literal["csv", "tensorboard", "both"],
+            default="csv",
+            help="where the metrics go: metrics.csv in the run folder (default), TensorBoard "
+            "event files in RUN/tensorboard/, or both (`protogmm compare` reads either)",
+        )
+        parser.add_argument(
             "--dense_every_n_steps",
             type=int,
             default=10,
@@ -102,10 +110,7 @@ class ProtoCLI(LightningCLI):
             # metrics.csv directly in the run directory (see training/runner.py)
             run_dir = trainer.default_root_dir or "runs/default"
             trainer.default_root_dir = run_dir
-            trainer.logger = {
-                "class_path": "protogmm.training.run_logger.RunCSVLogger",
-                "init_args": {"save_dir": run_dir, "name": "", "version": ""},
-            }
+            trainer.logger = run_loggers(run_dir, self.config.logger)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer with the run's callbacks and atomic checkpoint writes.

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from protogmm.training.reliability import process_alive
+from protogmm.training.run_logger import TENSORBOARD_EVENTS
 
 __all__ = [
     "RUN_FILES",
@@ -35,10 +36,11 @@ __all__ = [
     "resolve_checkpoint",
 ]
 
-#: What a run writes into its folder (the files ``overwrite`` removes).
+#: What a run writes into its folder (the files ``overwrite`` removes; glob patterns).
 RUN_FILES = (
     "checkpoints",
     "metrics.csv",
+    TENSORBOARD_EVENTS,
     "config.yaml",
     "hparams.yaml",
     "summary.json",
@@ -57,6 +59,7 @@ def holds_a_run(folder: Path) -> bool:
     return (
         (folder / "metrics.csv").is_file()
         or (folder / "summary.json").is_file()
+        or any(folder.glob(TENSORBOARD_EVENTS))
         or (checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")))
     )
 
@@ -130,8 +133,7 @@ def _replace_or_refuse(folder: Path, ckpt_path: str | None, overwrite: bool) -> 
             f"run folder {folder} holds a run already: resume it ({resume}), write elsewhere "
             "(--trainer.default_root_dir), or replace it (--overwrite true)"
         )
-    for name in RUN_FILES:
-        target = folder / name
+    for target in (path for name in RUN_FILES for path in folder.glob(name)):
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         else:

@@ -52,6 +52,33 @@ class HistoryKeepingWriter(ExperimentWriter):
         self.metrics = []
 
 
+#: TensorBoard's event files, written directly in the run folder (so ``tensorboard --logdir
+#: runs`` shows every run under its folder's name).
+TENSORBOARD_EVENTS = "events.out.tfevents.*"
+
+
+def run_loggers(run_dir: str, kind: str = "csv") -> list[dict[str, Any]]:
+    """The run's loggers as LightningCLI class specs: ``metrics.csv`` directly in ``run_dir``
+    (``csv``), TensorBoard event files beside it (``tensorboard``; a resumed run adds a new
+    event file), or ``both``. Either way the run folder itself is ``run_dir``."""
+    csv_logger = {
+        "class_path": "protogmm.training.run_logger.RunCSVLogger",
+        "init_args": {"save_dir": run_dir, "name": "", "version": ""},
+    }
+    tensorboard = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {
+            "save_dir": run_dir,
+            "name": "",
+            "version": "",
+            "default_hp_metric": False,
+        },
+    }
+    return {"csv": [csv_logger], "tensorboard": [tensorboard], "both": [csv_logger, tensorboard]}[
+        kind
+    ]
+
+
 class RunCSVLogger(CSVLogger):
     """``CSVLogger`` whose ``metrics.csv`` keeps the rows of the run before a resume."""
 
