@@ -62,12 +62,15 @@ class TeacherOutput:
         masks: iBOT: this step's block masks ``[2B, h, w]`` (True = masked for the student).
         patch_sample: iBOT, decoupled: the bounded random subset of patch embeddings that
             the mixture is fitted to.
+        scores: ``[2B, K]`` cosine scores of ``embeddings`` against the fitted prototypes,
+            where fitting them computed these anyway (truncated EM), else None.
     """
 
     embeddings: Tensor
     patches: Tensor | None = None
     masks: Tensor | None = None
     patch_sample: Tensor | None = None
+    scores: Tensor | None = None
 
 
 @dataclass
@@ -130,8 +133,11 @@ class Host(ConfigSpec, nn.Module):
             teacher = self.embed_teacher(ctx, views)
 
         # 2. Decoupled: the mixture is fitted to the teacher's embeddings first (paper eq. 2);
-        #    joint and partial prototypes are fitted by gradient instead (step 3).
-        posterior = ctx.prototypes.fit(teacher.embeddings, teacher.patch_sample)
+        #    joint and partial prototypes are fitted by gradient instead (step 3). A truncated
+        #    fit scores the teacher against the prototypes anyway: the scores are kept.
+        posterior, teacher.scores = ctx.prototypes.fit(
+            teacher.embeddings, teacher.patch_sample, self.wants_posterior(ctx.prototypes.kind)
+        )
 
         # 3. The encoder is trained against the now fixed prototypes (paper eq. 3): the
         #    teacher's targets, then the student's scores and the host's loss.

@@ -90,11 +90,18 @@ class DINO(Host):
     def teacher_targets(
         self, ctx: StepContext, teacher: TeacherOutput, posterior: Tensor | None
     ) -> Targets:
-        return Targets(self.cls_targets(ctx, teacher.embeddings, posterior))
+        return Targets(self.cls_targets(ctx, teacher.embeddings, posterior, teacher.scores))
 
-    def cls_targets(self, ctx: StepContext, embeddings: Tensor, posterior: Tensor | None) -> Tensor:
+    def cls_targets(
+        self,
+        ctx: StepContext,
+        embeddings: Tensor,
+        posterior: Tensor | None,
+        scores: Tensor | None = None,
+    ) -> Tensor:
         """DINO's ``[2, B, K]`` targets: the mixture's posterior, partial's balanced scores,
-        or the centred and sharpened scores."""
+        or the centred and sharpened scores (``scores``: the teacher's, where the mixture's
+        update computed them)."""
         assert self.objective is not None
         prototypes = ctx.prototypes
         k = prototypes.teacher.num_prototypes
@@ -110,7 +117,9 @@ class DINO(Host):
         if prototypes.mixture is not None:
             self.objective.reset_center(prototypes.mixture.moved)
         with torch.no_grad():
-            scores = prototypes.teacher(embeddings).view(NUM_GLOBAL_VIEWS, -1, k)
+            if scores is None:
+                scores = prototypes.teacher(embeddings)
+            scores = scores.view(NUM_GLOBAL_VIEWS, -1, k)
         targets = self.objective.teacher_distribution(scores, ctx.schedule["teacher_temperature"])
         self.objective.update_center(scores)
         return targets

@@ -32,6 +32,26 @@ def _all_gather_rows(tensor: Tensor) -> Tensor:
     return torch.cat(gathered)
 
 
+def _summed_over_ranks(stats: dict[str, Tensor | None]) -> dict[str, Tensor]:
+    """The batch statistics summed over ranks (one all-reduce of one flat tensor).
+
+    ``var_count`` and ``var_total`` may be None (the same as ``count`` and ``total``).
+    """
+    stats = {name: value.contiguous() for name, value in stats.items() if value is not None}
+    if _distributed_world_size() > 1:
+        # Every rank must hold the same mixture: sum the statistics over the global batch.
+        names = list(stats)
+        flat = torch.cat([stats[name].flatten() for name in names])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for name, piece in zip(
+            names, flat.split([stats[name].numel() for name in names]), strict=True
+        ):
+            stats[name] = piece.view(stats[name].shape)
+    stats.setdefault("var_count", stats["count"])
+    stats.setdefault("var_total", stats["total"])
+    return stats
+
+
 class OnlineEMSteps:
     """Steps 1-4 of :meth:`OnlineGMM.update <protogmm.prototypes.OnlineGMM.update>`.
 
@@ -119,19 +139,7 @@ class OnlineEMSteps:
             "var_total": var_total if separate else None,
             "total_sq": total_sq,
         }
-        stats = {name: value.contiguous() for name, value in stats.items() if value is not None}
-        if _distributed_world_size() > 1:
-            # Every rank must hold the same mixture: sum the statistics over the global batch.
-            names = list(stats)
-            flat = torch.cat([stats[name].flatten() for name in names])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            for name, piece in zip(
-                names, flat.split([stats[name].numel() for name in names]), strict=True
-            ):
-                stats[name] = piece.view(stats[name].shape)
-        stats.setdefault("var_count", stats["count"])
-        stats.setdefault("var_total", stats["total"])
-        return stats
+        return _summed_over_ranks(stats)
 
     def _retention(self, count: Tensor) -> Tensor:
         """``lambda_k`` of step 3 for batch counts ``count``."""
@@ -151,12 +159,15 @@ class OnlineEMSteps:
         self.var_sum.mul_(retain_var[:, None]).add_(stats["var_total"])
         self.stat_sq.mul_(retain_var[:, None] if self.covariance == "diagonal" else retain_var)
         self.stat_sq.add_(stats["total_sq"])
+        self.mix_count.mul_(self._mixing_retention(stats["count"])).add_(stats["count"])
+
+    def _mixing_retention(self, count: Tensor) -> float:
+        """The mixing counts' discount for a step whose batch counts are ``count``."""
         if self.mixing_eta is not None:
-            mixing_retain = self.mixing_eta
-        else:  # remember mixing_memory expected hits: N / K of them per step
-            rows = float(stats["count"].sum())
-            mixing_retain = math.exp(-rows / (self.num_prototypes * self.mixing_memory))
-        self.mix_count.mul_(mixing_retain).add_(stats["count"])
+            return self.mixing_eta
+        # remember mixing_memory expected hits: N / K of them per step
+        rows = float(count.sum())
+        return math.exp(-rows / (self.num_prototypes * self.mixing_memory))
 
     def _m_step(self, components: Tensor | None = None) -> None:
         """``mu = S/N``, ``var = max(Q/N' - (S'/N')^2, floor)``; empty components keep theirs.

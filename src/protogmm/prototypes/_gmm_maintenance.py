@@ -57,15 +57,21 @@ class SplitAndMerge(OnlineEMSteps):
     num_reseeded: Tensor
     component_shares: Tensor
 
-    def _split_and_merge(self, h: Tensor, log_joint: Tensor) -> None:
+    def _split_and_merge(
+        self, h: Tensor, log_joint: Tensor, candidates: Tensor | None = None
+    ) -> None:
         """Step 5: merge overlapping pairs, free stranded components, split to re-use them.
 
         Under ``torch.distributed`` every rank gathers the global batch's candidates (each
         row's two most likely components, their log joints, and the rows), so every rank
-        plans the same moves as one process on the whole batch would.
+        plans the same moves as one process on the whole batch would. ``candidates``
+        (truncated EM): the component of each column of ``log_joint`` (None: column k is
+        component k).
         """
-        best = log_joint.topk(min(2, self.num_prototypes), dim=1)
+        best = log_joint.topk(min(2, log_joint.shape[1]), dim=1)
         top_values, top_indices = best.values, best.indices
+        if candidates is not None:
+            top_indices = candidates.gather(1, top_indices)
         if _distributed_world_size() > 1:
             h, top_values, top_indices = (
                 _all_gather_rows(tensor) for tensor in (h, top_values, top_indices)

@@ -18,9 +18,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from protogmm._checks import check_matrix
 from protogmm.prototypes._gmm_em import OnlineEMSteps, _all_gather_rows, _distributed_world_size
 from protogmm.prototypes._gmm_maintenance import _MASS_BUFFERS
 from protogmm.prototypes.kmeans import kmeans
+
+
+def project_to_sphere(x: Tensor) -> Tensor:
+    """L2-normalise the rows of ``x`` (float32 or float64) without overflow for huge entries.
+
+    Rows are first divided by their largest absolute entry, so ``||x||^2`` cannot overflow;
+    all-zero rows stay zero.
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return F.normalize(x / scale, dim=1)
 
 
 class MixtureState(OnlineEMSteps):
@@ -32,6 +45,9 @@ class MixtureState(OnlineEMSteps):
 
     # Set by OnlineGMM (declared here for readers of the mixin).
     seed: int
+    step: int
+    center_momentum: float | None
+    embedding_center: Tensor
     n_init: float
     init_variance: str
     kmeans_iters: int
@@ -70,6 +86,25 @@ class MixtureState(OnlineEMSteps):
         #: Components whose mean was moved by a split or merge in the last update; hosts
         #: with per-component state (DINO's centre) reset theirs (not saved: per step).
         self.register_buffer("moved", torch.zeros(k, dtype=torch.bool), persistent=False)
+
+    def _check_embeddings(self, h: Tensor, update_center: bool = False) -> Tensor:
+        """Validate ``h``, project it to the sphere and, if enabled, centre it."""
+        check_matrix("h", h, cols=self.dim)
+        h = project_to_sphere(h.to(self.mean.device)).to(self.mean.dtype)
+        if self.center_momentum is None:
+            return h
+        if update_center:
+            batch_mean = h.mean(dim=0)
+            if _distributed_world_size() > 1:
+                dist.all_reduce(batch_mean)
+                batch_mean /= _distributed_world_size()
+            if self.step == 0:  # start from the first batch's mean, not from the origin
+                self.embedding_center.copy_(batch_mean)
+            else:
+                self.embedding_center.mul_(self.center_momentum).add_(
+                    batch_mean, alpha=1.0 - self.center_momentum
+                )
+        return project_to_sphere(h - self.embedding_center)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # Mixtures saved before the variance statistics were kept apart (and with the

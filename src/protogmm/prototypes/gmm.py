@@ -15,12 +15,10 @@ Per step ``t``, with ``h`` the ``[N, d]`` teacher embeddings projected onto the 
        gamma_ik   = softmax_k(beta_t * log rho_ik),   beta_t: beta0 -> 1 (cosine)
 
    With ``anneal="means"`` (default) the tempered ``gamma`` estimates the means and weights
-   only; the variances come from the untempered posterior ``softmax_k(log rho_ik)``. Under
-   plain annealing (``anneal="joint"``) soft responsibilities inflate the variances, which
-   soften the next E-step further, until every mean sits at the data mean (measured: 1
-   unique prototype of 32 at step 100 at d = 16, with the former initial variance, that of
-   all embeddings); with the variances kept at the components' own
-   spread, ``beta`` softens the assignments between neighbours without merging them.
+   only; the variances come from the untempered posterior ``softmax_k(log rho_ik)`` (under
+   ``anneal="joint"`` soft responsibilities inflate the variances until every mean sits at
+   the data mean). With ``top_k`` only each row's top-k components by cosine are scored
+   (truncated EM, :mod:`protogmm.prototypes._gmm_truncated`).
 2. batch statistics ``n_k = sum_i gamma_ik``, ``s_k = sum_i gamma_ik h_i``; for the
    variances ``n'_k, s'_k, q_k = sum_i gamma'_ik (1, h_i, h_i^2)`` (all-reduced over ranks);
 3. forgetting (Celaya & Agostini, 2015, responsibility-based) ``lambda_k = eta ** n_k``,
@@ -43,17 +41,20 @@ import math
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from protogmm._checks import check_choice, check_in_range, check_matrix, check_positive_int
-from protogmm.prototypes._gmm_em import _TINY_COUNT, _distributed_world_size
+from protogmm.prototypes._gmm_em import _TINY_COUNT
 from protogmm.prototypes._gmm_maintenance import SplitAndMerge
 from protogmm.prototypes._gmm_maintenance import (  # re-exported from its former home
     bhattacharyya_coefficient as bhattacharyya_coefficient,
 )
 from protogmm.prototypes._gmm_state import MixtureState
+from protogmm.prototypes._gmm_state import (  # re-exported from its former home
+    project_to_sphere as project_to_sphere,
+)
+from protogmm.prototypes._gmm_truncated import MixtureUpdate, TruncatedEMSteps
 from protogmm.prototypes.base import PrototypeSet
 from protogmm.schedules import cosine_ramp
 
@@ -61,18 +62,6 @@ Covariance = Literal["diagonal", "isotropic"]
 Forgetting = Literal["responsibility", "time", "none"]
 Mixing = Literal["counts", "uniform"]
 Anneal = Literal["means", "joint"]
-
-
-def project_to_sphere(x: Tensor) -> Tensor:
-    """L2-normalise the rows of ``x`` (float32 or float64) without overflow for huge entries.
-
-    Rows are first divided by their largest absolute entry, so ``||x||^2`` cannot overflow;
-    all-zero rows stay zero.
-    """
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return F.normalize(x / scale, dim=1)
 
 
 def _optional_in_range(
@@ -104,7 +93,7 @@ PLAIN_ANNEALED_EM: dict[str, Any] = {
 }
 
 
-class OnlineGMM(MixtureState, SplitAndMerge, PrototypeSet):
+class OnlineGMM(MixtureState, TruncatedEMSteps, SplitAndMerge, PrototypeSet):
     """Online Gaussian mixture whose normalised means are the (decoupled) prototypes.
 
     The mixture holds buffers only: no parameters, no optimizer state, no gradient. Teacher
@@ -175,6 +164,10 @@ class OnlineGMM(MixtureState, SplitAndMerge, PrototypeSet):
             default ``mixing_memory`` a healthy component falls that low with probability
             about ``exp(-19)``; a component that gets nothing does after about
             ``3 mixing_memory K / N`` steps.
+        top_k: truncated EM: each row's E-step and statistics cover only its ``top_k``
+            components by cosine score (the scores the targets need anyway); the others get
+            zero responsibility for it. None: every component (the dense update, equal to
+            ``top_k = K``). At least 2 (split and merge's candidate pairs).
         chunk_size: components per chunk of the E-step and statistics products.
         center_momentum: if set, the mixture lives on *centred* embeddings: a running mean
             ``m`` of the (unit) embeddings is kept (EMA with this momentum) and every input,
@@ -209,6 +202,7 @@ class OnlineGMM(MixtureState, SplitAndMerge, PrototypeSet):
         kmeanspp_max_seeds: int = 4096,
         merge_overlap: float | None = 0.5,
         reseed_min_share: float | None = 0.05,
+        top_k: int | None = None,
         chunk_size: int = 4096,
         center_momentum: float | None = None,
         seed: int = 0,
@@ -252,6 +246,7 @@ class OnlineGMM(MixtureState, SplitAndMerge, PrototypeSet):
         self.reseed_min_share = _optional_in_range(
             "reseed_min_share", reseed_min_share, 0.0, 1.0, low_inclusive=False
         )
+        self.top_k = None if top_k is None else check_positive_int("top_k", top_k, minimum=2)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.center_momentum = _optional_in_range(
             "center_momentum", center_momentum, 0.0, 1.0, high_inclusive=False
@@ -304,7 +299,7 @@ class OnlineGMM(MixtureState, SplitAndMerge, PrototypeSet):
 
     def prototypes(self) -> Tensor:
         """``[K, d]`` unit-norm prototypes ``c_k = mu_k / ||mu_k||`` (no gradient)."""
-        return F.normalize(self.mean.detach(), dim=1)
+        return self._unit_means()
 
     # ------------------------------------------------------------------ scoring
     def forward(self, z: Tensor) -> Tensor:
@@ -348,24 +343,42 @@ class OnlineGMM(MixtureState, SplitAndMerge, PrototypeSet):
         Returns:
             The ``[N, K]`` annealed responsibilities of ``h`` under the mixture *before* this
             step's M-step, i.e. exactly what :meth:`responsibilities` returned before the
-            call. Hosts with ``targets="posterior"`` use them as teacher targets, so the
-            E-step is never computed twice.
+            call (with ``top_k``: zero outside each row's candidates). Hosts with
+            ``targets="posterior"`` use them as teacher targets, so the E-step is never
+            computed twice.
+        """
+        return self.update_and_score(h, scores=False).posterior(self.num_prototypes)
+
+    @torch.no_grad()
+    def update_and_score(self, h: Tensor, scores: bool = True) -> MixtureUpdate:
+        """:meth:`update`, returning also ``forward(h)`` after it (``scores``).
+
+        With ``top_k`` the update computes the cosine scores of ``h`` anyway (they pick the
+        candidates) and refreshes only the columns of the components it moved: the scores
+        DINO's targets need cost no second ``N x d x K`` product. The posterior stays over
+        the candidates (:meth:`MixtureUpdate.posterior` makes it ``[N, K]``).
         """
         # All of it in float32 under autocast too: the statistics' product (and the k-means
         # of the initialisation) would otherwise run in bf16/fp16.
         device_type = h.device.type if isinstance(h, Tensor) else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._update(h)
+            result = self._update(h)
+            if scores and result.scores is None:
+                result.scores = self(h)
+            return result
 
-    def _update(self, h: Tensor) -> Tensor:
+    def _update(self, h: Tensor) -> MixtureUpdate:
         h = self._check_embeddings(h, update_center=True)
         self.moved.zero_()
         if not bool(self.initialized):
             if not self._collect_for_init(h):
                 self.num_steps += 1
-                return torch.full(
-                    (h.shape[0], self.num_prototypes), 1.0 / self.num_prototypes, device=h.device
-                )
+                uniform = 1.0 / self.num_prototypes
+                return MixtureUpdate(h.new_full((h.shape[0], self.num_prototypes), uniform), None)
+        if self.top_k is not None:  # steps 1-5 on each row's top-k candidates
+            result = self._truncated_update(h)
+            self.num_steps += 1
+            return result
         # 1. E-step: tempered responsibilities for the means and weights; for the variances
         #    the untempered ones (anneal="means"), so soft assignments cannot inflate them.
         log_joint = self._log_joint(h)
@@ -380,28 +393,9 @@ class OnlineGMM(MixtureState, SplitAndMerge, PrototypeSet):
         if self.merge_overlap is not None or self.reseed_min_share is not None:
             self._split_and_merge(h, log_joint)
         self.num_steps += 1
-        return gamma
+        return MixtureUpdate(gamma, None)
 
     # ------------------------------------------------------------------ internals
-    def _check_embeddings(self, h: Tensor, update_center: bool = False) -> Tensor:
-        """Validate ``h``, project it to the sphere and, if enabled, centre it."""
-        check_matrix("h", h, cols=self.dim)
-        h = project_to_sphere(h.to(self.mean.device)).to(self.mean.dtype)
-        if self.center_momentum is None:
-            return h
-        if update_center:
-            batch_mean = h.mean(dim=0)
-            if _distributed_world_size() > 1:
-                dist.all_reduce(batch_mean)
-                batch_mean /= _distributed_world_size()
-            if self.step == 0:  # start from the first batch's mean, not from the origin
-                self.embedding_center.copy_(batch_mean)
-            else:
-                self.embedding_center.mul_(self.center_momentum).add_(
-                    batch_mean, alpha=1.0 - self.center_momentum
-                )
-        return project_to_sphere(h - self.embedding_center)
-
     #: The constructor arguments :meth:`settings` reports (all but K and d).
     SETTINGS = (
         "covariance",
@@ -422,6 +416,7 @@ class OnlineGMM(MixtureState, SplitAndMerge, PrototypeSet):
         "kmeanspp_max_seeds",
         "merge_overlap",
         "reseed_min_share",
+        "top_k",
         "chunk_size",
         "center_momentum",
         "seed",

@@ -50,6 +50,9 @@ class MixtureOptions:
             (null: never merge).
         reseed_min_share: re-seed a component whose mixing weight fell below this fraction
             of 1/K (null: never).
+        top_k: truncated EM: each row's E-step and statistics cover only its top_k
+            components by cosine score, the others get zero responsibility for it (null:
+            every component, the dense update; at least 2).
         chunk_size: components per chunk of the E-step and statistics products.
         center_momentum: fit the mixture to centred embeddings, the centre an EMA with this
             momentum (null: no centring).
@@ -74,6 +77,7 @@ class MixtureOptions:
     kmeanspp_max_seeds: int = 4096
     merge_overlap: float | None = 0.5
     reseed_min_share: float | None = 0.05
+    top_k: int | None = None
     chunk_size: int = 4096
     center_momentum: float | None = None
     seed: int = 0

@@ -136,28 +136,37 @@ class PrototypeSets:
         """Every mixture the run fits (none for joint and partial)."""
         return tuple(m for m in (self.mixture, self.patch_mixture) if m is not None)
 
-    def fit(self, cls_rows: Tensor, patch_rows: Tensor | None = None) -> Tensor | None:
+    def fit(
+        self, cls_rows: Tensor, patch_rows: Tensor | None = None, posterior: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Paper eq. 2: one online-EM step of each mixture on the teacher's embeddings.
 
         Args:
             cls_rows: the teacher's [CLS] (or only) embeddings ``[N, d]``.
             patch_rows: iBOT: a bounded sample of its patch embeddings ``[M, d]``; they fit
                 the patch mixture, or the shared one together with ``cls_rows``.
+            posterior: whether the caller needs the posterior (a truncated mixture's is
+                built ``[N, K]`` only then).
 
         Returns:
             The posterior over the mixture of the ``cls_rows`` ``[N, K]`` (annealed, as the
-            update used it), or None where the prototypes are not a mixture.
+            update used it; None unless ``posterior``), and the cosine scores of the
+            ``cls_rows`` against the fitted prototypes ``[N, K]`` (what ``teacher(cls_rows)``
+            returns now) where the update computed them (a truncated mixture, ``top_k``),
+            else None. Both None where the prototypes are not a mixture.
         """
         if self.mixture is None:
-            return None
-        if patch_rows is None:
-            return self.mixture.update(cls_rows.float())
-        if self.patch_mixture is not None:
-            posterior = self.mixture.update(cls_rows.float())
-            self.patch_mixture.update(patch_rows.float())
-            return posterior
-        both = self.mixture.update(torch.cat([cls_rows, patch_rows]).float())
-        return both[: cls_rows.shape[0]]
+            return None, None
+        shared = patch_rows is not None and self.patch_mixture is None
+        rows = torch.cat([cls_rows, patch_rows]) if shared else cls_rows
+        fitted = self.mixture.update_and_score(rows.float(), scores=False)
+        if patch_rows is not None and self.patch_mixture is not None:
+            self.patch_mixture.update_and_score(patch_rows.float(), scores=False)
+        n = cls_rows.shape[0]
+        scores = None if fitted.scores is None else fitted.scores[:n]
+        if not posterior:
+            return None, scores
+        return fitted.posterior(self.mixture.num_prototypes)[:n], scores
 
     def fitted(self) -> bool:
         """False while a mixture still waits for its first embeddings."""
