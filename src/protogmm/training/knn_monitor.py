@@ -6,16 +6,18 @@ accuracy at the start (:mod:`protogmm.training.longtail_eval`), for the run repo
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 from protogmm._checks import check_in_range, check_positive_int
 from protogmm.evaluation import knn_accuracy
-from protogmm.evaluation.features import extract_features
+from protogmm.evaluation.features import extract_features_sharded
 from protogmm.training.longtail_eval import long_tailed_data, pixels_long_tail, teacher_long_tail
 
 log = logging.getLogger("protogmm")
@@ -40,15 +42,18 @@ class KNNMonitor(L.Callback):
         self.history: list[dict[str, float]] = []
 
     def _accuracy(self, trainer: L.Trainer, encoder: torch.nn.Module | None) -> dict[str, float]:
-        # Under DDP rank 0 measures (its model is the one the checkpoints hold; the others'
-        # BatchNorm statistics differ) over the whole bank, and every rank receives its
-        # numbers, so all ranks log the same accuracy and agree on the best checkpoint.
+        # Under DDP every rank extracts its shard of the bank and the shards are gathered
+        # (extract_features_sharded); the model is rank 0's, the one the checkpoints hold:
+        # its BatchNorm statistics are broadcast into a copy, since each rank's differ. Rank 0
+        # classifies, and every rank receives its numbers, so all ranks log the same accuracy
+        # and agree on the best checkpoint.
+        train_loader, test_loader = trainer.datamodule.knn_dataloaders()
+        device = trainer.lightning_module.device
+        encoder = _with_rank_zero_buffers(encoder)
+        train_x, train_y = extract_features_sharded(encoder, train_loader, device)
+        test_x, test_y = extract_features_sharded(encoder, test_loader, device)
         accuracy = None
         if trainer.is_global_zero:
-            train_loader, test_loader = trainer.datamodule.knn_dataloaders()
-            device = trainer.lightning_module.device
-            train_x, train_y = extract_features(encoder, train_loader, device)
-            test_x, test_y = extract_features(encoder, test_loader, device)
             accuracy = {
                 "k20": knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07),
                 "k200": knn_accuracy(train_x, train_y, test_x, test_y, k=200, temperature=0.1),
@@ -136,3 +141,16 @@ class KNNMonitor(L.Callback):
         self.baselines = dict(state_dict.get("baselines", {}))
         self.history = list(state_dict.get("history", []))
         self.longtail_baselines = dict(state_dict.get("longtail_baselines", {}))
+
+
+def _with_rank_zero_buffers(encoder: torch.nn.Module | None) -> torch.nn.Module | None:
+    """Under a process group, a copy of ``encoder`` holding rank 0's buffers (BatchNorm
+    statistics are per rank under DDP); else ``encoder`` itself."""
+    if encoder is None or not (dist.is_available() and dist.is_initialized()):
+        return encoder
+    if dist.get_world_size() == 1 or not any(True for _ in encoder.buffers()):
+        return encoder
+    twin = copy.deepcopy(encoder)
+    for buffer in twin.buffers():
+        dist.broadcast(buffer, src=0)
+    return twin
