@@ -98,13 +98,18 @@ def class_choices(base: type) -> list[str]:
 
 
 def _parameters(cls: type) -> dict[str, Any]:
-    """The constructor's keyword parameters and their defaults."""
-    signature = inspect.signature(cls.__init__)
-    return {
+    """The constructor's keyword parameters and their defaults; a ``**options`` handed to
+    the parent class's constructor stands for the parent's (as jsonargparse reads it)."""
+    parameters = inspect.signature(cls.__init__).parameters
+    found = {
         name: parameter.default
-        for name, parameter in signature.parameters.items()
+        for name, parameter in parameters.items()
         if name != "self" and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
     }
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        parent = cls.__mro__[1]
+        found = _parameters(parent) | found if parent is not object else found
+    return found
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -313,3 +313,19 @@ def test_an_option_of_another_kind_is_refused_naming_it() -> None:
     spec = {"class_path": "Decoupled", "init_args": {"koleo_weight": 0.1}}
     with pytest.raises(ValueError, match=r"model\.prototypes: Decoupled has no option.*koleo"):
         PrototypeKind.build(spec, "model.prototypes")
+
+
+@pytest.mark.parametrize("host", ["dino", "carp"])
+def test_a_host_without_masks_leaves_the_mask_token_out_of_the_gradient(host: str) -> None:
+    """DDP refuses a trainable parameter that no loss reaches (a DINO ViT failed on it)."""
+    model = host_model(host, "joint", carp_block_size=8, **TINY_VIT)
+    assert not model.student["backbone"].mask_token.requires_grad
+    assert "student.backbone.mask_token" in model.state_dict()  # checkpoints keep it
+    one_step(model, step=STEP)
+    unused = [
+        name
+        for name, param in model.student.named_parameters()
+        if param.requires_grad and param.grad is None
+    ]
+    assert unused == []
+    assert host_model("ibot", "joint").student["backbone"].mask_token.requires_grad

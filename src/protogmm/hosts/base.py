@@ -106,6 +106,9 @@ class Host(ConfigSpec, nn.Module):
     three hooks :meth:`embed_teacher`, :meth:`teacher_targets` and :meth:`student_loss`.
     """
 
+    #: Whether the student sees masked patches (the ViT's mask token is trained).
+    masks_patches: bool = False
+
     def __init__(self) -> None:
         nn.Module.__init__(self)
 

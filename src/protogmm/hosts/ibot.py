@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,12 +37,6 @@ class IBOT(DINO):
     embeddings). Needs a backbone with patch tokens (``vit*``, ``timm:vit_*``).
 
     Args:
-        student_temperature: see :class:`~protogmm.hosts.DINO`.
-        teacher_temperature: see :class:`~protogmm.hosts.DINO`.
-        warmup_teacher_temperature: see :class:`~protogmm.hosts.DINO`.
-        teacher_temperature_warmup_epochs: see :class:`~protogmm.hosts.DINO` (also ramps the
-            patch temperature).
-        center_momentum: see :class:`~protogmm.hosts.DINO` (also the patch centre's).
         mask_ratio: range of the per-image prediction ratio, in ``[0, 1)`` (iBOT 0.1-0.5).
         mask_probability: chance that an image is masked at all (iBOT 0.5).
         mask_min_aspect: smallest aspect ratio of a mask block (iBOT 0.3).
@@ -55,17 +50,16 @@ class IBOT(DINO):
             seeded random subset) update the mixture per step.
         seed: seed of the masks and the patch subset, independent of the global RNGs so
             that they do not shift the augmentations' random stream.
+        **dino_options: :class:`~protogmm.hosts.DINO`'s options (its temperatures: the
+            teacher-temperature warm-up also ramps the patch temperature, and its centre
+            momentum is the patch centre's too).
     """
 
     name = "ibot"
+    masks_patches = True
 
     def __init__(
         self,
-        student_temperature: float = 0.1,
-        teacher_temperature: float = 0.04,
-        warmup_teacher_temperature: float = 0.04,
-        teacher_temperature_warmup_epochs: float = 0.0,
-        center_momentum: float = 0.9,
         mask_ratio: tuple[float, float] = (0.1, 0.5),
         mask_probability: float = 0.5,
         mask_min_aspect: float = 0.3,
@@ -76,14 +70,9 @@ class IBOT(DINO):
         warmup_teacher_patch_temperature: float = 0.04,
         patch_mixture_samples: int = 4096,
         seed: int = 0,
+        **dino_options: Any,
     ) -> None:
-        super().__init__(
-            student_temperature,
-            teacher_temperature,
-            warmup_teacher_temperature,
-            teacher_temperature_warmup_epochs,
-            center_momentum,
-        )
+        super().__init__(**dino_options)
         check_ratio_range("model.host.mask_ratio", mask_ratio)
         check_in_range("model.host.mask_probability", mask_probability, 0.0, 1.0)
         check_in_range("model.host.mask_min_aspect", mask_min_aspect, 0.0, 1.0, low_inclusive=False)

@@ -90,28 +90,20 @@ class Partial(Joint):
     joint and decoupled (paper Fig. 3a: CAPI 99.9 % unique at ε = 0.025).
 
     Args:
-        init_scale: see :class:`Joint` (the student's set; not the clustering layer).
-        lr_multiplier: see :class:`Joint` (the student's set; not the clustering layer).
-        koleo_weight: see :class:`Joint`.
-        freeze_epochs: see :class:`Joint`.
         target_temperature: temperature of the teacher scores before Sinkhorn-Knopp (CAPI
             0.06); the balanced result is both networks' target.
         temperature: temperature of the clustering layer's own prediction in its loss (CAPI
             0.12).
+        **joint_options: :class:`Joint`'s options, for the student's set (not the
+            clustering layer).
     """
 
     name = "partial"
 
     def __init__(
-        self,
-        init_scale: float = 1.0,
-        lr_multiplier: float = 1.0,
-        koleo_weight: float = 0.0,
-        freeze_epochs: float = 1.0,
-        target_temperature: float = 0.06,
-        temperature: float = 0.12,
+        self, target_temperature: float = 0.06, temperature: float = 0.12, **joint_options: Any
     ) -> None:
-        super().__init__(init_scale, lr_multiplier, koleo_weight, freeze_epochs)
+        super().__init__(**joint_options)
         for key, value in (
             ("target_temperature", target_temperature),
             ("temperature", temperature),

@@ -154,6 +154,11 @@ class PrototypicalSSL(L.LightningModule):
         )
         self.student = nn.ModuleDict({"backbone": encoder, "head": head})
         host.setup(num_prototypes, kind, encoder)
+        mask_token = getattr(encoder, "mask_token", None)
+        if mask_token is not None and not host.masks_patches:
+            # Unused without masking: left out of the gradient, which DDP requires of every
+            # trainable parameter (a DINO ViT under DDP failed on it); still in checkpoints.
+            mask_token.requires_grad_(False)
         self.host = host
         # Before the teacher is copied: a joint set's teacher copy starts as the student's.
         add_prototype_modules(
