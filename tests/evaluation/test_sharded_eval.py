@@ -25,12 +25,22 @@ DATA = [
 ]
 
 
-@pytest.mark.parametrize("protocol", ["knn", "linear"])
-def test_eval_under_torchrun_prints_what_one_process_prints(
-    tmp_path: Path, tiny_run: Callable[[str], Path], protocol: str
+@pytest.mark.parametrize(
+    ("command", "kind", "lines"),
+    [
+        (["eval", "knn"], "decoupled", 5),  # header, rule, trained, untrained, pixels
+        (["eval", "linear"], "joint", 5),
+        (["diagnose"], "decoupled", 5),  # the uniqueness table and the usage table
+    ],
+)
+def test_under_torchrun_rank_zero_prints_what_one_process_prints(
+    tmp_path: Path, tiny_run: Callable[[str], Path], command: list[str], kind: str, lines: int
 ) -> None:
-    checkpoint = str(tiny_run("decoupled") / "checkpoints" / "last.ckpt")
-    args = ["eval", protocol, checkpoint, *DATA, "--epochs", "20"]
+    checkpoint = str(tiny_run(kind) / "checkpoints" / "last.ckpt")
+    extra = ["--epochs", "20"] if "linear" in command else []
+    if command == ["diagnose"]:
+        extra = ["--out", str(tmp_path / "plots")]
+    args = [*command, checkpoint, *DATA, *extra]
     one = run_cli(*args, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
@@ -44,7 +54,7 @@ def test_eval_under_torchrun_prints_what_one_process_prints(
     )
     assert two.returncode == 0, two.stderr[-2000:]
     table = [line for line in one.stdout.splitlines() if line.startswith("|")]
-    assert len(table) == 5  # header, rule, trained, untrained, pixels
+    assert len(table) >= lines
     assert [line for line in two.stdout.splitlines() if line.startswith("|")] == table
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from protogmm.cli.data_arguments import command_parser, parse_command
+from protogmm.cli.processes import is_rank_zero, join_torchrun, leave
 from protogmm.diagnostics import (
     DEFAULT_EPS,
     UsageAccumulator,
@@ -18,13 +20,16 @@ from protogmm.diagnostics import (
     prototype_angles,
     unique_prototype_curve,
 )
+from protogmm.evaluation.features import extract_features_sharded
 from protogmm.evaluation.longtail import longtail_markdown
-from protogmm.hosts.base import embed
 from protogmm.reports import markdown_table
 from protogmm.training.callbacks import pixels_long_tail, teacher_long_tail
 from protogmm.training.checkpoints import load_module
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
+
+#: Embeddings scored against the prototypes at a time (a [chunk, K] posterior in memory).
+USAGE_CHUNK = 512
 
 
 def run_diagnose(argv: list[str]) -> int:
@@ -49,6 +54,14 @@ def run_diagnose(argv: list[str]) -> int:
         help="plot folder (default: <checkpoint stem>-diagnose next to it)",
     )
     args, data = parse_command(parser, argv)
+    device = join_torchrun()  # under torchrun every process embeds its share of the data
+    usage = None
+    if data.requested:
+        datamodule = data.datamodule(args.checkpoint)
+        module = load_module(args.checkpoint)
+        usage = usage_table(module, datamodule, device)
+    if not is_rank_zero():
+        return leave()  # rank 0 reports
     found = load_prototypes(args.checkpoint, key=args.key)
     print(describe_prototypes(found))
     # An imperfect set (a NaN or all-zero row) is measured on its usable rows, said so in
@@ -61,10 +74,8 @@ def run_diagnose(argv: list[str]) -> int:
         if matrix.shape[0] > 0
     }
     print(uniqueness_table(found, usable, curves, args.eps))
-    if data.requested:
-        datamodule = data.datamodule(args.checkpoint)
-        module = load_module(args.checkpoint)
-        print(usage_table(module, datamodule))
+    if usage is not None:
+        print(usage)
         print(long_tail_text(module, load_module(args.checkpoint, trained=False), datamodule))
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-diagnose")
     written = []
@@ -77,7 +88,7 @@ def run_diagnose(argv: list[str]) -> int:
         written.append(plot_prototype_geometry(plottable, out / "prototype_geometry.png"))
     if written:
         print("plots: " + ", ".join(str(path) for path in written))
-    return 0
+    return leave()
 
 
 def uniqueness_table(
@@ -139,25 +150,30 @@ def long_tail_text(module: PrototypicalSSL, untrained: PrototypicalSSL, data: SS
     return longtail_markdown(groups, results, num_prototypes=module.hparams.num_prototypes)
 
 
-def usage_table(module: PrototypicalSSL, data: SSLDataModule) -> str:
+def usage_table(
+    module: PrototypicalSSL, data: SSLDataModule, device: torch.device | str = "cpu"
+) -> str:
     """Prototype usage of the teacher's embeddings on the data's held-out split.
 
     Args:
         module: the trained module.
         data: the data measured on.
+        device: where the teacher runs (under torchrun each process embeds its shard).
     """
     dataset = data.hparams.dataset
     _, test_loader = data.knn_dataloaders()
+    teacher = nn.Sequential(module.teacher["backbone"], module.teacher["head"]).to(device)
+    embeddings, _ = extract_features_sharded(teacher, test_loader, device)
+    module.cpu()
     accumulator = UsageAccumulator(module.hparams.num_prototypes)
     # The host's teacher temperature (CARP: its block softmax's), as the targets use it.
     tau = getattr(module.host, "teacher_temperature", None) or module.host.temperature
     with torch.no_grad():
-        for images, _ in test_loader:
-            embeddings = embed(module.teacher, [images])
+        for chunk in embeddings.split(USAGE_CHUNK):
             if module.gmm is not None:
-                probs = module.gmm.responsibilities(embeddings)
+                probs = module.gmm.responsibilities(chunk)
             else:
-                probs = torch.softmax(module.teacher_prototype_set()(embeddings) / tau, dim=1)
+                probs = torch.softmax(module.teacher_prototype_set()(chunk) / tau, dim=1)
             accumulator.update(probs)
     usage = accumulator.compute()
     return markdown_table(

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from protogmm.cli.data_arguments import command_parser, parse_command
+from protogmm.cli.processes import is_rank_zero, join_torchrun, leave
 from protogmm.evaluation import knn_accuracy, linear_probe
 from protogmm.evaluation.features import extract_features_sharded
 from protogmm.reports import markdown_table
@@ -30,7 +27,7 @@ def run_eval(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
     args, data = parse_command(parser, argv)
-    device = _join_torchrun()  # under torchrun: every process extracts its shard
+    device = join_torchrun()  # under torchrun: every process extracts its shard
     trained = load_module(args.checkpoint)
     untrained = load_module(args.checkpoint, trained=False)
     datamodule = data.datamodule(args.checkpoint)
@@ -45,7 +42,7 @@ def run_eval(argv: list[str]) -> int:
             encoder.to(device)
         train_x, train_y = extract_features_sharded(encoder, train_loader, device)
         test_x, test_y = extract_features_sharded(encoder, test_loader, device)
-        if not _is_rank_zero():
+        if not is_rank_zero():
             continue  # rank 0 classifies and prints
         if args.protocol == "knn":
             accuracy = knn_accuracy(
@@ -59,25 +56,6 @@ def run_eval(argv: list[str]) -> int:
         if args.protocol == "knn"
         else f"linear probe ({args.epochs} epochs)"
     )
-    if _is_rank_zero():
+    if is_rank_zero():
         print(markdown_table([f"{protocol} on {datamodule.hparams.dataset}", "top-1 %"], rows))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
-
-def _join_torchrun() -> torch.device:
-    """Under torchrun (``WORLD_SIZE`` > 1): join the process group (NCCL on GPUs, gloo on
-    CPUs) and return this process's device; else the first GPU or the CPU."""
-    cuda = torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        index = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
-
-
-def _is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return leave()
