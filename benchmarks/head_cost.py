@@ -121,10 +121,11 @@ def cost_table(results: list[Result]) -> str:
 
 
 def variants_table(results: list[Result], variants: Sequence[str]) -> str:
-    """Per K: each variant's ms/step beside the default decoupled head's and the joint's."""
+    """Per K: each variant's ms/step and peak memory beside the default decoupled head's
+    and the joint's."""
     rows = []
     for result in results:
-        t = result.seconds
+        t, m = result.seconds, result.memory_mib
         for variant in variants:
             rows.append(
                 [
@@ -133,8 +134,10 @@ def variants_table(results: list[Result], variants: Sequence[str]) -> str:
                     variant,
                     describe_variant(variant),
                     f"{1e3 * t[variant]:.2f}",
-                    f"**{t[variant] / t['decoupled']:.2f}**",
-                    f"{t[variant] / t['joint']:.2f}",
+                    f"{t[variant] / t['decoupled']:.2f}",
+                    f"**{t[variant] / t['joint']:.2f}**",
+                    mebibytes(m[variant]),
+                    f"**{m[variant] / m['joint']:.2f}**" if m["joint"] > 0 else "n/a",
                 ]
             )
     header = [
@@ -143,8 +146,10 @@ def variants_table(results: list[Result], variants: Sequence[str]) -> str:
         "decoupled variant",
         "`OnlineGMM` arguments",
         "ms/step",
-        "variant / default decoupled",
-        "variant / joint",
+        "time variant / default decoupled",
+        "time variant / joint",
+        "peak MiB",
+        "memory variant / joint",
     ]
     return markdown_table(header, rows)
 
@@ -283,7 +288,7 @@ def section(
         "scores -> DINO loss -> backward (embeddings and prototype weights) -> AdamW step -> "
         "EMA update; decoupled = `OnlineGMM.update(h_teacher)` -> the mixture's scores of "
         "the teacher (same DINO targets) and of the student -> DINO loss -> backward "
-        f"(embeddings only). Time: median of {args.repeats} repeats of {args.steps} steps, "
+        f"(embeddings only). Time: best of {args.repeats} repeats of {args.steps} steps, "
         f"{args.warmup} warm-up steps excluded, both heads and the floor alternated in one "
         f"process. Peak memory: each head in a fresh spawned process, {memory_how}, over "
         f"building the head and {args.memory_steps} steps. Floor: one "
@@ -301,11 +306,14 @@ def section(
     ]
     if args.variants:
         parts += [
-            "### Other settings of the decoupled head (time only)",
+            "### Other settings of the decoupled head",
             "Timed in the same process and alternation as the table above (same inputs, "
-            "same steps). Isotropic: one shared variance per component, so the E-step is a "
-            "d-wide product instead of 2d and the statistics a d-wide one (3 + 2r products "
-            "against 5 + 2r). Re-seeding at every step (`reseed_min_share = 1`): the split "
+            "same steps); peak memory as above, each in its own child. `top_k = k`: "
+            "truncated EM, each row's E-step and statistics on its k components of highest "
+            "cosine (the teacher's scores, which the update computes once and hands to the "
+            "targets, refreshed only where components moved). Isotropic: one variance per "
+            "component (E-step and statistics d wide: 3 + 2r products against 5 + 2r). "
+            "Re-seeding at every step (`reseed_min_share = 1`): the split "
             "and merge path (top-2 candidates per row, overlaps, splits) with about half "
             "of the components stranded, an upper bound on what it costs in a step where "
             "some component is stranded.",
@@ -394,7 +402,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Result], Profile | None]:
             steps=args.steps,
             variants=args.variants,
         )
-        unique = {name: time_unique_count(head.prototypes()) for name, head in heads.items()}
+        unique = {name: time_unique_count(heads[name].prototypes()) for name in HEADS}
         if in_sweep and setting.k == largest:
             print(f"=== K = {setting.k}: profiling", flush=True)
             profile = profile_steps(
@@ -402,7 +410,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Result], Profile | None]:
             )
         del heads, inputs  # free this K's state before the next one
         print(f"=== K = {setting.k}, L = {setting.local_views}: memory", flush=True)
-        memory = measure_memory(setting, args.memory_steps)
+        memory = measure_memory(setting, args.memory_steps, args.variants)
         results.append(Result(setting, seconds, memory, unique, in_sweep))
         print(
             f"    joint {1e3 * seconds['joint']:.2f} ms, decoupled "

@@ -66,7 +66,8 @@ def test_quick_mode_prints_the_head_cost_section(tmp_path: Path) -> None:
     assert {row[1] for row in phase_rows if row[0] == "joint"} >= {"AdamW step", "EMA update"}
     operator_part = profile_part[profile_part.index("| head | operator |") :]
     _, operator_rows = table_rows(operator_part, "head")
-    assert {row[0] for row in operator_rows} == {"joint", "decoupled"}
+    # Both heads and every variant are profiled.
+    assert {row[0] for row in operator_rows} == {"joint", "decoupled", *head_cost.VARIANTS}
     assert all(float(row[2]) >= 0 for row in phase_rows + operator_rows)
     variants_part = section[section.index("### Other settings of the decoupled head") :]
     variants_header, variant_rows = table_rows(variants_part, "K")
@@ -74,11 +75,12 @@ def test_quick_mode_prints_the_head_cost_section(tmp_path: Path) -> None:
     assert [(row[0], row[1], row[2]) for row in variant_rows] == [
         (k, views, variant)
         for k, views in (("256", "0"), ("1024", "0"), ("1024", "2"))
-        for variant in ("isotropic", "re-seed at every step (worst case)")
+        for variant in head_cost.VARIANTS
     ]
     for row in variant_rows:
         assert number(row[variants_header.index("ms/step")]) > 0, row
-        assert number(row[variants_header.index("variant / default decoupled")]) > 0, row
+        assert number(row[variants_header.index("time variant / default decoupled")]) > 0, row
+        assert number(row[variants_header.index("peak MiB")]) >= 0, row
     # --quick never rewrites the measured numbers.
     assert benchmarks_section("head-cost") == before
 

@@ -169,3 +169,65 @@ def test_top_k_is_an_option_and_at_least_two() -> None:
     assert MixtureOptions().top_k is None
     with pytest.raises(ValueError, match="top_k"):
         OnlineGMM(8, 4, top_k=1)
+
+
+def _two_rank_worker(rank: int, init_file: str, start: str, out: str) -> None:
+    """Rank ``rank`` of 2 (gloo): fits its half of every batch with a truncated mixture."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        gmm = truncated_mixture(torch.load(start, weights_only=True))
+        for h in stream("clustered", steps=5, rows=40):
+            gmm.update(h[rank * 20 : (rank + 1) * 20])
+        torch.save(gmm.state_dict(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def truncated_mixture(state: dict[str, torch.Tensor]) -> OnlineGMM:
+    """A truncated mixture (splits at every step) in the given state."""
+    gmm = OnlineGMM(K, D, init_samples=0, top_k=4, reseed_min_share=1.0, seed=1).double()
+    gmm.load_state_dict(state)
+    return gmm
+
+
+def test_two_ranks_fit_the_truncated_mixture_one_process_fits(tmp_path) -> None:
+    """Under DDP the candidates' statistics are all-reduced as dense statistics, and split
+    and merge gathers every rank's candidates: the same mixture as one process."""
+    start = pair({"reseed_min_share": 1.0}, top_k=4)[1].state_dict()
+    torch.save(start, tmp_path / "start")
+    arguments = (str(tmp_path / "pg"), str(tmp_path / "start"), str(tmp_path / "state"))
+    torch.multiprocessing.spawn(_two_rank_worker, args=arguments, nprocs=2)
+    alone = truncated_mixture(start)
+    for h in stream("clustered", steps=5, rows=40):
+        alone.update(h)
+    assert int(alone.num_reseeded) > 0
+    for rank in range(2):
+        ranked = truncated_mixture(torch.load(tmp_path / f"state.{rank}", weights_only=True))
+        assert_same_state(alone, ranked)
+
+
+def test_the_init_buffer_is_released_once_initialised_and_checkpoints_still_load() -> None:
+    """K x d no more after the k-means initialisation (issue 20, memory), same state keys."""
+    g = torch.Generator().manual_seed(0)
+    gmm = OnlineGMM(8, 4)  # collects K = 8 rows
+    keys = list(gmm.state_dict())
+    gmm.update(torch.randn(5, 4, generator=g))
+    collecting = copy.deepcopy(gmm.state_dict())
+    gmm.update(torch.randn(5, 4, generator=g))
+    assert bool(gmm.initialized) and tuple(gmm.init_buffer.shape) == (0, 4)
+    assert list(gmm.state_dict()) == keys
+    before = {name: value.clone() for name, value in gmm.state_dict().items()}
+    before["init_buffer"] = torch.randn(8, 4)  # a checkpoint from before the release
+    fresh = OnlineGMM(8, 4)
+    fresh.load_state_dict(before)
+    assert tuple(fresh.init_buffer.shape) == (0, 4)
+    assert torch.equal(fresh.mean, gmm.mean)
+    fresh.load_state_dict(gmm.state_dict())  # released into released
+    fresh.load_state_dict(collecting)  # a mixture still collecting: the buffer is back
+    assert tuple(fresh.init_buffer.shape) == (8, 4) and not bool(fresh.initialized)
+    assert torch.equal(fresh.init_buffer, collecting["init_buffer"])
+    h = torch.randn(5, 4, generator=g)
+    fresh.update(h)
+    assert bool(fresh.initialized)

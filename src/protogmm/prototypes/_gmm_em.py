@@ -175,17 +175,26 @@ class OnlineEMSteps:
         Args:
             components: indices to re-estimate (all when None).
         """
-        index = slice(None) if components is None else components
-        count, var_count = self.stat_count[index], self.var_count[index]
-        mean = self.stat_sum[index] / count.clamp_min(_TINY_COUNT)[:, None]
-        var_mean = self.var_sum[index] / var_count.clamp_min(_TINY_COUNT)[:, None]
+
+        def take(buffer: Tensor) -> Tensor:
+            return buffer if components is None else buffer.index_select(0, components)
+
+        def put(buffer: Tensor, value: Tensor) -> None:
+            if components is None:
+                buffer.copy_(value)
+            else:
+                buffer.index_copy_(0, components, value)
+
+        count, var_count = take(self.stat_count), take(self.var_count)
+        mean = take(self.stat_sum) / count.clamp_min(_TINY_COUNT)[:, None]
+        var_mean = take(self.var_sum) / var_count.clamp_min(_TINY_COUNT)[:, None]
         if self.covariance == "diagonal":
-            var = self.stat_sq[index] / var_count.clamp_min(_TINY_COUNT)[:, None]
+            var = take(self.stat_sq) / var_count.clamp_min(_TINY_COUNT)[:, None]
             var = var - var_mean * var_mean
             keep_var = (var_count > _TINY_COUNT)[:, None]
         else:
-            var = self.stat_sq[index] / var_count.clamp_min(_TINY_COUNT)
+            var = take(self.stat_sq) / var_count.clamp_min(_TINY_COUNT)
             var = var - self._mean_sq(var_mean)
             keep_var = var_count > _TINY_COUNT
-        self.mean[index] = torch.where((count > _TINY_COUNT)[:, None], mean, self.mean[index])
-        self.var[index] = torch.where(keep_var, var.clamp_min(self.variance_floor), self.var[index])
+        put(self.mean, torch.where((count > _TINY_COUNT)[:, None], mean, take(self.mean)))
+        put(self.var, torch.where(keep_var, var.clamp_min(self.variance_floor), take(self.var)))

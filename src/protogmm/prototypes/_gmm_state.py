@@ -115,19 +115,23 @@ class MixtureState(OnlineEMSteps):
         if prefix + "num_merged" not in state_dict and prefix + "num_steps" in state_dict:
             state_dict[prefix + "num_merged"] = torch.zeros((), dtype=torch.long)
         state_dict.pop(prefix + "idle_steps", None)
-        # Once initialised, the init buffer is spent: a mixture saved under another
-        # init_samples (the former default was 0, an empty buffer) loads into this one.
+        # Once initialised, the init buffer is spent (released to [0, d]): a mixture saved
+        # under another init_samples, or before the buffer was released, loads into this one.
         saved_buffer = state_dict.get(prefix + "init_buffer")
         initialized = state_dict.get(prefix + "initialized")
-        if (
-            saved_buffer is not None
-            and initialized is not None
-            and bool(initialized)
-            and saved_buffer.shape != self.init_buffer.shape
-        ):
-            state_dict[prefix + "init_buffer"] = torch.zeros_like(self.init_buffer)
-            state_dict[prefix + "init_filled"] = torch.tensor(self._init_rows)
+        if saved_buffer is not None and initialized is not None:
+            if bool(initialized):
+                if saved_buffer.shape != (self._init_rows, self.dim):
+                    state_dict[prefix + "init_filled"] = torch.tensor(self._init_rows)
+                self._release_init_buffer()
+                state_dict[prefix + "init_buffer"] = self.init_buffer
+            elif self.init_buffer.shape[0] != self._init_rows:  # released: collect again
+                self.init_buffer = self.init_buffer.new_zeros(self._init_rows, self.dim)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _release_init_buffer(self) -> None:
+        """Spent once initialised: a ``[0, d]`` buffer (``K x d`` no more), same key."""
+        self.init_buffer = self.init_buffer.new_zeros(0, self.dim)
 
     def _collect_for_init(self, h: Tensor) -> bool:
         """Buffer ``h`` until ``init_samples`` rows are collected, then initialise from them and
@@ -181,3 +185,4 @@ class MixtureState(OnlineEMSteps):
             for name in ("mean", "var", *_MASS_BUFFERS):
                 dist.broadcast(getattr(self, name), src=0)
         self.initialized.fill_(True)
+        self._release_init_buffer()

@@ -106,7 +106,7 @@ class TruncatedEMSteps(OnlineEMSteps):
     def _refresh_unit_means(self, stale: Tensor, components: Tensor) -> Tensor:
         """The unit means after an update that changed only ``components`` (indices) of a
         ``mean`` whose unit means were ``stale``: a new tensor, ``stale`` is left as it was."""
-        fresh = stale.index_copy(0, components, F.normalize(self.mean[components], dim=1))
+        fresh = stale.index_copy(0, components, F.normalize(self.mean.index_select(0, components)))
         self.__dict__["_unit_means_cache"] = (self.mean, _version(self.mean), fresh)
         return fresh
 
@@ -148,7 +148,7 @@ class TruncatedEMSteps(OnlineEMSteps):
             return MixtureUpdate(gamma, h @ self._unit_means().T, candidates)
         changed = torch.cat([components, self.moved.nonzero().flatten()]).unique()
         unit = self._refresh_unit_means(unit, changed)
-        scores[:, changed] = h @ unit[changed].T
+        scores.index_copy_(1, changed, h @ unit.index_select(0, changed).T)
         return MixtureUpdate(gamma, scores, candidates)
 
     def _candidate_log_joint(self, h: Tensor, components: Tensor, slots: Tensor) -> Tensor:
@@ -160,8 +160,8 @@ class TruncatedEMSteps(OnlineEMSteps):
         product over row blocks, so no ``[N, k, 2d]`` temporary exceeds :data:`_PAIR_BLOCK`).
         Isotropic: ``||h||^2 - 2 h.mu + ||mu||^2`` with one ``h.mu`` per pair.
         """
-        mean, var = self.mean[components], self.var[components]
-        log_pi = torch.log(self.mixing_weights[components].clamp_min(1e-30))
+        mean, var = self.mean.index_select(0, components), self.var.index_select(0, components)
+        log_pi = torch.log(self.mixing_weights.index_select(0, components).clamp_min(1e-30))
         if self.covariance == "diagonal":
             inv_var = 1.0 / var
             weights = torch.cat([inv_var, -2.0 * mean * inv_var], dim=1)
@@ -190,29 +190,36 @@ class TruncatedEMSteps(OnlineEMSteps):
         self, h: Tensor, slots: Tensor, size: int, gamma: Tensor, gamma_var: Tensor
     ) -> dict[str, Tensor | None]:
         """The batch statistics of :meth:`_batch_statistics`, for the ``size`` distinct
-        candidates only (row ``j`` is ``components[j]``), by ``index_add`` over the pairs."""
-        flat = slots.flatten()
-
-        def summed(weight: Tensor, values: Tensor) -> Tensor:
-            """``sum_i weight_ic values_i`` per candidate ``c``."""
-            pairs = (weight[:, :, None] * values[:, None, :]).reshape(-1, values.shape[1])
-            return values.new_zeros(size, values.shape[1]).index_add_(0, flat, pairs)
-
+        candidates only (row ``j`` is ``components[j]``): each posterior is a sparse
+        ``[size, N]`` matrix of ``N x k`` entries times ``[h, h^2, 1]`` (or ``[h, 1]``)."""
+        n, k = slots.shape
+        rows = torch.arange(n, device=h.device).repeat_interleave(k)
+        index = torch.stack([slots.flatten(), rows])
+        ones = h.new_ones(n, 1)
         if self.covariance == "diagonal":
-            both = summed(gamma_var, torch.cat([h, h * h], dim=1))
-            var_total, total_sq = both[:, : self.dim], both[:, self.dim :]
+            features = torch.cat([h, h * h, ones], dim=1)
         else:
-            var_total = summed(gamma_var, h)
-            total_sq = summed(gamma_var, (h * h).sum(dim=1, keepdim=True) / self.dim)[:, 0]
-        separate = gamma_var is not gamma
-        count = h.new_zeros(size).index_add_(0, flat, gamma.flatten())
+            features = torch.cat([h, (h * h).sum(dim=1, keepdim=True) / self.dim, ones], dim=1)
+
+        def summed(weight: Tensor, columns: Tensor) -> Tensor:
+            """``sum_i weight_ic columns_i`` per candidate ``c``."""
+            matrix = torch.sparse_coo_tensor(
+                index, weight.flatten(), (size, n), check_invariants=False
+            )
+            return torch.sparse.mm(matrix, columns)
+
+        both = summed(gamma_var, features)
+        d = self.dim
+        var_total, var_count = both[:, :d], both[:, -1]
+        total_sq = both[:, d:-1] if self.covariance == "diagonal" else both[:, d]
+        if gamma_var is gamma:
+            return {"count": var_count, "total": var_total, "total_sq": total_sq}
+        means = summed(gamma, torch.cat([h, ones], dim=1))
         return {
-            "count": count,
-            "total": summed(gamma, h) if separate else var_total,
-            "var_count": h.new_zeros(size).index_add_(0, flat, gamma_var.flatten())
-            if separate
-            else None,
-            "var_total": var_total if separate else None,
+            "count": means[:, -1],
+            "total": means[:, :d],
+            "var_count": var_count,
+            "var_total": var_total,
             "total_sq": total_sq,
         }
 
@@ -221,13 +228,18 @@ class TruncatedEMSteps(OnlineEMSteps):
         responsibility forgetting (``eta ** 0 = 1``) or none they keep their statistics;
         the mixing counts are discounted everywhere, as in :meth:`_accumulate`."""
         index = components
+
+        def forget_and_add(name: str, retain: Tensor, batch: Tensor) -> None:
+            buffer = getattr(self, name)
+            kept = buffer.index_select(0, index)
+            buffer.index_copy_(0, index, kept * retain.view(-1, *([1] * (kept.ndim - 1))) + batch)
+
         retain = self._retention(stats["count"])
-        self.stat_count[index] = self.stat_count[index] * retain + stats["count"]
-        self.stat_sum[index] = self.stat_sum[index] * retain[:, None] + stats["total"]
+        forget_and_add("stat_count", retain, stats["count"])
+        forget_and_add("stat_sum", retain, stats["total"])
         retain_var = self._retention(stats["var_count"])
-        self.var_count[index] = self.var_count[index] * retain_var + stats["var_count"]
-        self.var_sum[index] = self.var_sum[index] * retain_var[:, None] + stats["var_total"]
-        retain_sq = retain_var[:, None] if self.covariance == "diagonal" else retain_var
-        self.stat_sq[index] = self.stat_sq[index] * retain_sq + stats["total_sq"]
+        forget_and_add("var_count", retain_var, stats["var_count"])
+        forget_and_add("var_sum", retain_var, stats["var_total"])
+        forget_and_add("stat_sq", retain_var, stats["total_sq"])
         self.mix_count.mul_(self._mixing_retention(stats["count"]))
         self.mix_count.index_add_(0, index, stats["count"])
