@@ -88,16 +88,17 @@ def _fingerprint(tensor: Tensor) -> int:
     return total
 
 
-def capture_rng_state() -> dict[str, Any]:
+def capture_rng_state(cuda: bool = True) -> dict[str, Any]:
     """This process's torch, CUDA, numpy and python RNG states as tensors and plain values.
 
     ``PrototypicalSSL.on_save_checkpoint`` stores it; tensors and plain values only, so it
-    loads with ``torch.load(weights_only=True)``.
+    loads with ``torch.load(weights_only=True)``. ``cuda=False`` leaves CUDA out (a data
+    loader worker must not touch it).
     """
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if cuda and torch.cuda.is_available() else [],
         "numpy": [
             np_state[0],
             torch.from_numpy(np_state[1].astype(np.int64)),
