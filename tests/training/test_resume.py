@@ -5,7 +5,9 @@ is written every 3 steps, so the resumed run starts 3 batches into epoch 0: it m
 restore the model, the teacher, the optimizer, the schedules (functions of the step), the
 mixture and the centre, the RNG streams and the data position. Once with the resume
 machinery only (guard, data position, DDP bookkeeping, atomic IO), then with all of a run's
-callbacks (the k-NN and collapse monitors, the report) for each prototype/target variant.
+callbacks (the k-NN and collapse monitors, the report) for each prototype/target variant;
+with 2 loader workers (their augmentation streams are part of the data position); and from
+a checkpoint whose position was saved before the torchdata loader.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from helpers import (
     HALF_EPOCH_WARMUP,
@@ -29,14 +31,20 @@ from helpers import (
     metric_rows,
     tiny_data,
 )
+from protogmm.training.data_position import (
+    is_mid_epoch,
+    loader_position,
+    resume_loader,
+    sampler_position,
+)
 from protogmm.training.distributed import DistributedRun
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import (
     AtomicCheckpointIO,
     DataPosition,
     NonFiniteGuard,
-    ResumableDataLoader,
-    ResumableDistributedSampler,
+    check_resume_compatible,
+    training_loader,
 )
 from protogmm.training.run_logger import RunCSVLogger
 from protogmm.training.runner import run_logger
@@ -49,16 +57,20 @@ def fit(
     ckpt_path: Path | None = None,
     crash_at_step: int | None = None,
     checkpoint_every_n_steps: int = 3,
+    data: dict | None = None,
+    extra: tuple[L.Callback, ...] = (),
 ) -> tuple[PrototypicalSSL, L.Trainer]:
     model = TINY_MODEL | HALF_EPOCH_WARMUP | model_kwargs
     if all_callbacks:
         return fit_tiny(
             run_dir,
             model,
+            tiny_data(**(data or {})),
             ckpt_path=ckpt_path,
             crash_at_step=crash_at_step,
             max_epochs=2,
             checkpoint_every_n_steps=checkpoint_every_n_steps,
+            callbacks=extra,
             **STEP_BY_STEP,
         )
     # The resume machinery alone: no monitors, no report.
@@ -72,6 +84,7 @@ def fit(
         plugins=[AtomicCheckpointIO()],
         callbacks=[
             *crash,
+            *extra,
             NonFiniteGuard(),
             DistributedRun(),
             DataPosition(),
@@ -84,7 +97,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=tiny_data(), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=tiny_data(**(data or {})), ckpt_path=ckpt_path)
     return module, trainer
 
 
@@ -103,32 +116,71 @@ JOINT_OPTIONS = JOINT | {
 }
 
 
+class OldLoaderDraws(L.Callback):
+    """The loader before torchdata (``ResumableDataLoader``) drew its worker seed from the
+    global RNG as each epoch began: with this callback a run draws as that one did."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.empty((), dtype=torch.int64).random_()
+
+
+def saved_position(checkpoint_path: Path) -> dict:
+    """The sampler's part of the checkpoint's saved loader state (Lightning's entry)."""
+    state = loader_position(torch.load(checkpoint_path, weights_only=True))
+    assert state is not None
+    return dict(sampler_position(state) or {})
+
+
 @pytest.mark.parametrize(
-    ("model_kwargs", "all_callbacks"),
+    ("model_kwargs", "all_callbacks", "data"),
     [
-        pytest.param(DECOUPLED, False, id="decoupled-host"),
-        pytest.param(DECOUPLED, True, id="decoupled-host-all-callbacks"),
-        pytest.param(POSTERIOR, True, id="decoupled-posterior"),
-        pytest.param(JOINT, True, id="joint"),
-        pytest.param(JOINT_OPTIONS, False, id="joint-baseline-options"),
+        pytest.param(DECOUPLED, False, {}, id="decoupled-host"),
+        pytest.param(DECOUPLED, True, {}, id="decoupled-host-all-callbacks"),
+        pytest.param(POSTERIOR, True, {}, id="decoupled-posterior"),
+        pytest.param(JOINT, True, {}, id="joint"),
+        pytest.param(JOINT_OPTIONS, False, {}, id="joint-baseline-options"),
+        pytest.param(DECOUPLED, False, {"num_workers": 2}, id="decoupled-host-2-workers"),
+        pytest.param(DECOUPLED, False, "old-position", id="decoupled-host-old-checkpoint"),
     ],
 )
 def test_mid_epoch_resume_equals_the_uninterrupted_run(
-    tmp_path: Path, model_kwargs: dict, all_callbacks: bool
+    tmp_path: Path, model_kwargs: dict, all_callbacks: bool, data: dict | str
 ) -> None:
-    full_model, full_trainer = fit(tmp_path / "full", model_kwargs, all_callbacks)
+    # "old-position": a run of the loader before torchdata, resumed by today's.
+    old_position = data == "old-position"
+    data, old = ({}, (OldLoaderDraws(),)) if old_position else (data, ())
+    full_model, full_trainer = fit(
+        tmp_path / "full", model_kwargs, all_callbacks, data=data, extra=old
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         # Killed before epoch 0's last batch: the newest checkpoint is step 3's, mid-epoch
         # (a crash after the epoch's end would resume from the epoch-end last.ckpt).
-        fit(tmp_path / "crashed", model_kwargs, all_callbacks, crash_at_step=3)
+        fit(
+            tmp_path / "crashed",
+            model_kwargs,
+            all_callbacks,
+            crash_at_step=3,
+            data=data,
+            extra=old,
+        )
     checkpoint_path = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert checkpoint["global_step"] == 3  # 3 of epoch 0's 4 batches: mid-epoch
-    position = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert position == {"epoch": 0, "batches": 3, "batches_per_epoch": 4}
+    assert saved_position(checkpoint_path) == {"yielded": 48, "epoch": 0, "samples_per_epoch": 64}
+    assert is_mid_epoch(loader_position(checkpoint))
+    if old_position:  # as ResumableDataLoader saved it, before the torchdata loader
+        loops = checkpoint["loops"]["fit_loop"]["state_dict"]
+        loops["combined_loader"] = [{"epoch": 0, "batches": 3, "batches_per_epoch": 4}]
+        torch.save(checkpoint, checkpoint_path)
+        model, data_hparams = (
+            checkpoint["hyper_parameters"],
+            checkpoint["datamodule_hyper_parameters"],
+        )
+        with pytest.raises(ValueError, match="mid-epoch by 1 process"):  # still read as mid-epoch
+            check_resume_compatible(checkpoint_path, model, data_hparams, world_size=2)
 
     resumed_model, resumed_trainer = fit(
-        tmp_path / "resumed", model_kwargs, all_callbacks, checkpoint_path
+        tmp_path / "resumed", model_kwargs, all_callbacks, checkpoint_path, data=data
     )
 
     full_losses, resumed_losses = losses(tmp_path / "full"), losses(tmp_path / "resumed")
@@ -159,26 +211,39 @@ def logged_steps(run_dir: Path) -> list[tuple[int, int, float]]:
     ]
 
 
-@pytest.mark.parametrize("model_kwargs", [DECOUPLED, JOINT], ids=["decoupled", "joint"])
+@pytest.mark.parametrize(
+    ("model_kwargs", "data"),
+    [
+        pytest.param(DECOUPLED, {}, id="decoupled"),
+        pytest.param(JOINT, {}, id="joint"),
+        pytest.param(DECOUPLED, {"num_workers": 2}, id="decoupled-2-workers"),
+    ],
+)
 def test_end_of_epoch_resume_equals_the_uninterrupted_run(
-    tmp_path: Path, model_kwargs: dict
+    tmp_path: Path, model_kwargs: dict, data: dict
 ) -> None:
     """The default cadence (last.ckpt at epoch ends): killed in epoch 1, resumed from the
     end of epoch 0 into the same folder. The resumed epoch must draw epoch 1's permutation
     (not a second one), log its steps under epoch 1, and end where the full run ends."""
     full_model, full_trainer = fit(
-        tmp_path / "full", model_kwargs, True, checkpoint_every_n_steps=0
+        tmp_path / "full", model_kwargs, True, checkpoint_every_n_steps=0, data=data
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(tmp_path / "run", model_kwargs, True, crash_at_step=6, checkpoint_every_n_steps=0)
+        fit(
+            tmp_path / "run",
+            model_kwargs,
+            True,
+            crash_at_step=6,
+            checkpoint_every_n_steps=0,
+            data=data,
+        )
     checkpoint_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 4)  # end of epoch 0
-    position = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert position == {"epoch": 0, "batches": 4, "batches_per_epoch": 4}
+    assert saved_position(checkpoint_path) == {"yielded": 64, "epoch": 0, "samples_per_epoch": 64}
 
     resumed_model, resumed_trainer = fit(
-        tmp_path / "run", model_kwargs, True, checkpoint_path, checkpoint_every_n_steps=0
+        tmp_path / "run", model_kwargs, True, checkpoint_path, checkpoint_every_n_steps=0, data=data
     )
 
     full_rows, resumed_rows = logged_steps(tmp_path / "full"), logged_steps(tmp_path / "run")
@@ -189,53 +254,93 @@ def test_end_of_epoch_resume_equals_the_uninterrupted_run(
     full_state, resumed_state = full_model.state_dict(), resumed_model.state_dict()
     for name, value in full_state.items():
         torch.testing.assert_close(resumed_state[name], value, atol=1e-6, rtol=0, msg=name)
-    saved = torch.load(checkpoint_path, weights_only=True)
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] == {
-        "epoch": 1,
-        "batches": 4,
-        "batches_per_epoch": 4,
-    }
+    assert saved_position(checkpoint_path) == {"yielded": 64, "epoch": 1, "samples_per_epoch": 64}
     assert resumed_trainer.global_step == full_trainer.global_step == 8
 
 
-def loader(num_workers: int, seed: int = 3) -> ResumableDataLoader:
-    data = TensorDataset(torch.arange(40))
-    sampler = ResumableDistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=seed)
-    return ResumableDataLoader(data, batch_size=4, sampler=sampler, num_workers=num_workers)
+class Augmented(Dataset):
+    """Index ``i`` -> ``(i, a random draw)``: the draw stands for an augmentation."""
+
+    def __len__(self) -> int:
+        return 42
+
+    def __getitem__(self, index: int) -> tuple[int, float]:
+        return index, float(torch.rand(()))
+
+
+def loader(num_workers: int, seed: int = 3):  # noqa: ANN201 (a StatefulDataLoader)
+    """Rank 1 of 2: 21 images each, 5 whole batches of 4 an epoch."""
+    return training_loader(
+        Augmented(), batch_size=4, num_workers=num_workers, seed=seed, rank=1, world_size=2
+    )
+
+
+def batches(iterator, count: int | None = None) -> list[tuple[list[int], list[float]]]:  # noqa: ANN001
+    taken = iterator if count is None else (next(iterator) for _ in range(count))
+    return [(index.tolist(), draw.tolist()) for index, draw in taken]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_the_data_position_survives_a_new_loader(num_workers: int) -> None:
+    torch.manual_seed(0)
     reference = loader(num_workers)
     reference.sampler.set_epoch(1)
-    epoch = [batch[0].tolist() for batch in reference]
+    epoch = batches(iter(reference))
     assert len(epoch) == len(reference) == 5
+    assert sorted(i for indices, _ in epoch for i in indices) != list(range(1, 41, 2))  # shuffled
 
+    torch.manual_seed(0)
     interrupted = loader(num_workers)
     interrupted.sampler.set_epoch(1)
     iterator = iter(interrupted)
-    seen = [next(iterator)[0].tolist() for _ in range(2)]
-    state = interrupted.state_dict()
-    assert seen == epoch[:2]
-    assert state == {"epoch": 1, "batches": 2, "batches_per_epoch": 5}
+    assert batches(iterator, 2) == epoch[:2]
+    state, rng = interrupted.state_dict(), torch.get_rng_state()  # as a checkpoint holds them
+    assert sampler_position(state) == {"yielded": 8, "epoch": 1, "samples_per_epoch": 20}
+    assert is_mid_epoch(state)
 
     resumed = loader(num_workers)
-    resumed.load_state_dict(state)
+    resume_loader(resumed, state)
+    torch.manual_seed(1)  # the loader creates its iterator without the global RNG
+    before = torch.get_rng_state()
     iterator = iter(resumed)  # Lightning calls iter() before it sets the epoch on resume
+    assert torch.equal(torch.get_rng_state(), before)
     resumed.sampler.set_epoch(1)
-    rng = torch.get_rng_state()
-    assert [batch[0].tolist() for batch in iterator] == epoch[2:]
-    # The uninterrupted run drew the worker base seed at the epoch's start, not mid-epoch.
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert resumed.state_dict() == {"epoch": 1, "batches": 5, "batches_per_epoch": 5}
+    torch.set_rng_state(rng)  # the module restores the main process's RNG
+    # Same images and, with workers too, the same augmentation draws.
+    assert batches(iterator) == epoch[2:]
     assert len(resumed) == 5  # the loop counts the resumed epoch against its full length
     resumed.sampler.set_epoch(2)  # the next epoch starts from its beginning
-    assert len([batch for batch in resumed]) == 5
+    assert len(batches(iter(resumed))) == 5
 
 
-def test_a_loader_needs_the_resumable_sampler() -> None:
-    with pytest.raises(ValueError, match="ResumableDistributedSampler"):
-        ResumableDataLoader(TensorDataset(torch.arange(4)), batch_size=2)
+def test_a_position_saved_before_the_torchdata_loader_resumes_the_same_batches() -> None:
+    reference = loader(0)
+    reference.sampler.set_epoch(1)
+    indices = [batch[0].tolist() for batch in reference]
+    resumed = loader(0)
+    resume_loader(resumed, {"epoch": 1, "batches": 2, "batches_per_epoch": 5})
+    iterator = iter(resumed)
+    resumed.sampler.set_epoch(1)
+    assert [batch[0].tolist() for batch in iterator] == indices[2:]
+    assert not is_mid_epoch({"epoch": 1, "batches": 5, "batches_per_epoch": 5})
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_finished_epochs_state_starts_the_next_epoch_whole(num_workers: int) -> None:
+    # Lightning restores the state of an end-of-epoch checkpoint itself when max_steps is set.
+    finished = loader(num_workers)
+    finished.sampler.set_epoch(0)
+    assert len(batches(iter(finished), 5)) == 5  # Lightning stops at the length
+    state = finished.state_dict()
+    assert sampler_position(state) == {"yielded": 20, "epoch": 0, "samples_per_epoch": 20}
+    assert not is_mid_epoch(state)
+    reference = loader(num_workers)
+    reference.sampler.set_epoch(1)
+    resumed = loader(num_workers)
+    resume_loader(resumed, state)
+    iterator = iter(resumed)
+    resumed.sampler.set_epoch(1)
+    assert [batch[0].tolist() for batch in iterator] == [batch[0].tolist() for batch in reference]
 
 
 class _FallingKNN(L.LightningModule):

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import Compose
 
 from protogmm._checks import check_choice
@@ -57,7 +58,7 @@ from protogmm.data.longtail import LongTailSubset
 from protogmm.evaluation.longtail import FrequencyGroups, frequency_groups
 from protogmm.training.atomic_io import read_checkpoint
 from protogmm.training.class_counts import class_counts, class_counts_json
-from protogmm.training.data_position import ResumableDataLoader, ResumableDistributedSampler
+from protogmm.training.data_position import resume_loader, training_loader
 from protogmm.training.data_settings import (  # noqa: F401 (DATASETS: imported from here)
     DATASETS,
     FILE_DATASETS,
@@ -182,6 +183,7 @@ class SSLDataModule(L.LightningDataModule):
         self._scan_skipped: dict[str, list[str]] = {}
         self._knn_cache: list[TensorDataset] | None = None
         self._restored_skips: dict[str, list[str]] = {}
+        self._resume_state: dict[str, Any] | None = None
         self.long_tail: LongTailSubset | None = None
         if dataset in FILE_DATASETS:
             # List (and scan) the files now: a missing folder, mismatched classes or an
@@ -229,12 +231,11 @@ class SSLDataModule(L.LightningDataModule):
         self.train_set = self._with_transform(train, self.train_transform)
         self.pretraining_labels = np.asarray(train.labels)
 
-    def train_dataloader(self) -> DataLoader:
-        # A sampler whose order is a function of (seed, epoch) only, so that a resumed run
-        # sees the same batches as the uninterrupted one (Lightning calls set_epoch).
-        # Under DDP each rank takes its own shard (DistributedSampler's usual split). The
-        # loader's position within the epoch is checkpointed, so a mid-epoch resume
-        # continues with the next batch (training/reliability.py).
+    def train_dataloader(self) -> StatefulDataLoader:
+        # Whole batches of a (seed, epoch) permutation, this rank's shard under DDP
+        # (DistributedSampler's split); a torchdata StatefulDataLoader, whose state Lightning
+        # checkpoints, so a mid-epoch resume continues with the next batch
+        # (training/data_position.py).
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         per_process = len(self.train_set) // world_size
@@ -246,22 +247,23 @@ class SSLDataModule(L.LightningDataModule):
                 f"({self.hparams.dataset}, {len(self.train_set)} images): no step would run; "
                 "lower data.batch_size"
             )
-        sampler = ResumableDistributedSampler(
-            self.train_set,
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=True,
-            seed=self.hparams.seed,
-            drop_last=True,
-        )
-        return ResumableDataLoader(
+        loader = training_loader(
             self.train_set,
             batch_size=self.hparams.batch_size,
-            sampler=sampler,
             num_workers=self.hparams.num_workers,
-            drop_last=True,
-            persistent_workers=self.hparams.num_workers > 0,
+            seed=self.hparams.seed,
+            rank=rank,
+            world_size=world_size,
         )
+        if self._resume_state is not None:
+            resume_loader(loader, self._resume_state)
+            self._resume_state = None
+        return loader
+
+    def resume_training_loader(self, state: dict[str, Any]) -> None:
+        """Start the next training loader at a checkpoint's loader state (a resume:
+        :class:`~protogmm.training.data_position.DataPosition` hands it over)."""
+        self._resume_state = state
 
     def knn_splits(self) -> tuple[Dataset, Dataset]:
         """The k-NN bank and queries: labelled (train, held-out) splits, untransformed, each

@@ -4,10 +4,11 @@
   folder, flushed and fsync'ed, then renamed over the target (``os.replace``) and the folder
   fsync'ed: a kill or a power cut during a save leaves the previous ``last.ckpt`` whole.
   Reads are ``weights_only=True`` always.
-* :class:`ResumableDataLoader` and :class:`ResumableDistributedSampler`: the data position
-  (epoch, batches consumed) is part of the checkpoint, through Lightning's stateful-loader
-  protocol, so a run resumed from a mid-epoch checkpoint sees exactly the batches the
-  uninterrupted run would have seen next.
+* :func:`training_loader`: a torchdata ``StatefulDataLoader`` whose state (the data
+  position: batches handed out, each worker's random state) Lightning saves with its loops,
+  so a run resumed from a mid-epoch checkpoint sees exactly the batches (and augmentations)
+  the uninterrupted run would have seen next; :class:`ShardSampler` orders by (seed, epoch)
+  and :class:`DataPosition` hands the saved state over on resume.
 * :class:`NonFiniteGuard`: a non-finite input batch, teacher embedding, loss or mixture
   statistic stops the run before the optimizer step (so nothing non-finite is ever saved),
   with a message naming what and at which step; or, with ``action="skip"``, the step is
@@ -24,8 +25,9 @@ runner, the CLI and the tests have always imported them by.
 from protogmm.training.atomic_io import AtomicCheckpointIO, process_alive, read_checkpoint
 from protogmm.training.data_position import (
     DataPosition,
-    ResumableDataLoader,
-    ResumableDistributedSampler,
+    ShardSampler,
+    WorkerRandomState,
+    training_loader,
 )
 from protogmm.training.nonfinite_guard import NonFiniteAction, NonFiniteError, NonFiniteGuard
 from protogmm.training.resume_check import STRUCTURAL_KEYS, check_resume_compatible
@@ -37,9 +39,10 @@ __all__ = [
     "NonFiniteAction",
     "NonFiniteError",
     "NonFiniteGuard",
-    "ResumableDataLoader",
-    "ResumableDistributedSampler",
+    "ShardSampler",
+    "WorkerRandomState",
     "check_resume_compatible",
     "process_alive",
     "read_checkpoint",
+    "training_loader",
 ]

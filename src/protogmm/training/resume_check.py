@@ -17,7 +17,7 @@ from typing import Any
 from protogmm.hosts import Host
 from protogmm.prototypes.kinds import PrototypeKind
 from protogmm.training.atomic_io import read_checkpoint
-from protogmm.training.data_position import loader_position
+from protogmm.training.data_position import is_mid_epoch, loader_position
 from protogmm.training.distributed import CHECKPOINT_KEY
 from protogmm.training.legacy_hparams import upgrade_model_hparams
 
@@ -125,8 +125,8 @@ def check_resume_compatible(
             if not _same(saved_data[key], data_hparams[key])
         ]
     saved_world = int((checkpoint.get(CHECKPOINT_KEY) or {}).get("world_size", 1))
-    position = loader_position(checkpoint)
-    if position is not None and 0 < position["batches"] < position["batches_per_epoch"]:
+    position = loader_position(checkpoint)  # torchdata's state, or a position of before it
+    if position is not None and is_mid_epoch(position):
         saved_batch = saved_data.get("batch_size")
         batch = (data_hparams or {}).get("batch_size", saved_batch)
         if saved_world != world_size or saved_batch != batch:
