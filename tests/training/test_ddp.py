@@ -11,7 +11,8 @@ it holds, and compares in pytest:
 * the non-finite guard decides together: a NaN on one rank skips the step on both;
 * the real data module and run callbacks: disjoint shards, per-rank augmentation streams,
   one checkpoint with every rank's RNG state, the same k-NN numbers on every rank;
-* (slow) a DDP run resumed mid-epoch equals the uninterrupted one on every rank.
+* (slow) a DDP run resumed mid-epoch equals the uninterrupted one on every rank, also with
+  2 loader workers per rank (each rank's workers resume their own augmentation streams).
 """
 
 from __future__ import annotations
@@ -156,10 +157,11 @@ def state_of(model: PrototypicalSSL) -> dict[str, torch.Tensor]:
 def synthetic_fit(run_dir: Path, **kwargs: Any) -> tuple[PrototypicalSSL, L.Trainer]:
     """The real path: SSLDataModule, build_trainer's callbacks, two processes."""
     crash_at, ckpt = kwargs.pop("crash_at", None), kwargs.pop("ckpt", None)
+    workers = kwargs.pop("num_workers", 0)
     return fit_tiny(
         run_dir,
         TINY_MODEL | {"warmup_epochs": 0.5},
-        tiny_data(batch_size=PER_RANK),
+        tiny_data(batch_size=PER_RANK, num_workers=workers),
         ckpt_path=ckpt,
         crash_at_step=crash_at,
         devices=WORLD,
@@ -201,17 +203,29 @@ def worker(out: Path, scenarios: list[str]) -> None:
             ),
         }
         torch.save(result, out / f"synthetic-rank{rank}.pt")
-    if "resume" in scenarios:
-        full, _ = synthetic_fit(out / "full", max_epochs=2)
-        try:
-            synthetic_fit(out / "crashed", max_epochs=2, checkpoint_every_n_steps=3, crash_at=5)
-        except RuntimeError as error:
-            assert "simulated crash" in str(error)
-        ckpt = out / "crashed" / "checkpoints" / "last.ckpt"
-        resumed, _ = synthetic_fit(out / "resumed", max_epochs=2, ckpt=ckpt)
-        torch.save(
-            {"full": state_of(full), "resumed": state_of(resumed)}, out / f"resume-rank{rank}.pt"
-        )
+    # Killed at step 5 (resumed from epoch 0's end) / 7 (from step 6, mid-epoch 1).
+    for scenario, workers, crash_at in (("resume", 0, 5), ("resume-workers", 2, 7)):
+        if scenario in scenarios:
+            run = out / scenario
+            full, _ = synthetic_fit(run / "full", max_epochs=2, num_workers=workers)
+            try:
+                synthetic_fit(
+                    run / "crashed",
+                    max_epochs=2,
+                    checkpoint_every_n_steps=3,
+                    crash_at=crash_at,
+                    num_workers=workers,
+                )
+            except RuntimeError as error:
+                assert "simulated crash" in str(error)
+            ckpt = run / "crashed" / "checkpoints" / "last.ckpt"
+            resumed, _ = synthetic_fit(
+                run / "resumed", max_epochs=2, ckpt=ckpt, num_workers=workers
+            )
+            torch.save(
+                {"full": state_of(full), "resumed": state_of(resumed)},
+                out / f"{scenario}-rank{rank}.pt",
+            )
 
 
 # ---------------------------------------------------------------------- the tests
@@ -405,10 +419,13 @@ def test_fit_under_torchrun(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_ddp_run_resumed_mid_epoch_equals_the_uninterrupted_one(tmp_path: Path) -> None:
-    launch(tmp_path, "resume", timeout=600)
+@pytest.mark.parametrize("scenario", ["resume", "resume-workers"])
+def test_a_ddp_run_resumed_mid_epoch_equals_the_uninterrupted_one(
+    tmp_path: Path, scenario: str
+) -> None:
+    launch(tmp_path, scenario, timeout=600)
     for rank in range(WORLD):
-        result = load(tmp_path, "resume", rank)
+        result = load(tmp_path, scenario, rank)
         assert_close(result["resumed"], result["full"], 1e-6)
 
 
