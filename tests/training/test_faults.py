@@ -312,15 +312,15 @@ def test_a_nan_loss_stops_or_is_skipped(tmp_path: Path, action: str) -> None:
 
 def test_a_nonfinite_mixture_statistic_stops_even_when_skipping(tmp_path: Path) -> None:
     model = PrototypicalSSL.from_hparams(MODEL)
-    update = model.gmm.update
+    update = model.gmm.update_and_score  # what the training step calls (eq. 2)
 
-    def corrupting_update(h: torch.Tensor) -> torch.Tensor:
-        posterior = update(h)
+    def corrupting_update(*args: Any, **kwargs: Any) -> Any:
+        result = update(*args, **kwargs)
         if model.global_step == 3:
             model.gmm.stat_sum[0, 0] = math.inf
-        return posterior
+        return result
 
-    model.gmm.update = corrupting_update
+    model.gmm.update_and_score = corrupting_update
     with pytest.raises(NonFiniteError) as raised:
         guarded_fit(tmp_path, "skip", model=model)
     assert str(raised.value).startswith(
