@@ -329,3 +329,25 @@ def test_a_host_without_masks_leaves_the_mask_token_out_of_the_gradient(host: st
     ]
     assert unused == []
     assert host_model("ibot", "joint").student["backbone"].mask_token.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_an_ibot_step_without_any_masked_patch_trains_and_touches_every_parameter(
+    kind: str,
+) -> None:
+    """iBOT masks each image with a probability: a process may get no masked patch at all
+    (2 images per GPU failed under DDP). Its patch loss is 0 and every trainable parameter
+    still gets a gradient (DDP requires it)."""
+    L.seed_everything(0, verbose=False)
+    model = host_model("ibot", kind, ibot_mask_probability=0.0)
+    loss = one_step(model, step=STEP)
+    assert math.isfinite(loss.item())
+    assert logged_patch_loss(model) == 0.0
+    missing = [n for n, p in model.student.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def logged_patch_loss(model: PrototypicalSSL) -> float:
+    """The patch loss of a step run again on the same batch (the step's own metric)."""
+    ctx = model.step_context(model.schedule_at(STEP, 10, 4))
+    return float(model.host.step(ctx, training_batch()[0]).metrics["train/patch_loss"])

@@ -75,7 +75,11 @@ class IBOTPatchLoss(nn.Module):
         Returns:
             ``[N, K]`` probabilities (float32, or float64 for float64 input), no grad.
         """
-        check_matrix("teacher_scores", teacher_scores, cols=self.num_prototypes, finite=False)
+        # Zero rows is a step where no patch of this process's images was masked (iBOT
+        # masks each image with a probability): no targets, the patch loss is 0.
+        check_matrix(
+            "teacher_scores", teacher_scores, cols=self.num_prototypes, min_rows=0, finite=False
+        )
         tau = check_in_range(
             "teacher_temperature", teacher_temperature, 0.0, math.inf, low_inclusive=False
         )

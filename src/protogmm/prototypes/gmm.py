@@ -308,7 +308,7 @@ class OnlineGMM(MixtureState, TruncatedEMSteps, SplitAndMerge, PrototypeSet):
         Differentiable in ``z``; the prototypes are constants (no gradient reaches the
         mixture). Computed in float32 regardless of autocast.
         """
-        check_matrix("z", z, cols=self.dim, finite=False)
+        check_matrix("z", z, cols=self.dim, min_rows=0, finite=False)  # 0 rows: no scores
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = F.normalize(z.float(), dim=1)
             if self.center_momentum is not None:

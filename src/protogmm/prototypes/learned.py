@@ -83,7 +83,7 @@ class LearnedPrototypes(PrototypeSet):
         """
         # finite=False: a finiteness check would force a device sync on every forward of
         # the hot path; a NaN here still surfaces as a NaN loss.
-        check_matrix("z", z, cols=self.dim, finite=False)
+        check_matrix("z", z, cols=self.dim, min_rows=0, finite=False)  # 0 rows: no scores
         return F.normalize(z, dim=1) @ self.prototypes().T
 
     def extra_repr(self) -> str:
