@@ -119,6 +119,7 @@ class JointHead:
             teacher_scores = self.teacher(teacher_embeddings).view(2, -1, k)
             targets = self.loss.teacher_distribution(teacher_scores, TEACHER_TEMPERATURE)
             self.loss.update_center(teacher_scores)
+            del teacher_scores  # as in the host's step: only the targets live on
         with phase("student scores + loss"):
             student_scores = self.student(student_embeddings).view(views, -1, k)
             loss = self.loss(student_scores, teacher_probs=targets)
@@ -154,8 +155,10 @@ class DecoupledHead:
         # Initialised as it starts (random unit means, variance 1/d, unit counts), without
         # the k-means over K collected rows that its first K / N_t steps would run (hours on
         # a CPU at K = 65,536): the steps timed are those of a fitted mixture, not of one
-        # still collecting its initial rows.
+        # still collecting its initial rows. Initialised, the mixture frees its buffer of
+        # collected rows.
         self.gmm.initialized.fill_(True)
+        self.gmm._release_init_buffer()
         self.loss = DINOLoss(setting.k).to(setting.device)
 
     def step(self, teacher_embeddings: Tensor, student_embeddings: Tensor) -> None:
@@ -171,6 +174,7 @@ class DecoupledHead:
             teacher_scores = teacher_scores.view(2, -1, k)
             targets = self.loss.teacher_distribution(teacher_scores, TEACHER_TEMPERATURE)
             self.loss.update_center(teacher_scores)
+            del teacher_scores, fitted  # as in the host's step: only the targets live on
         with phase("student scores + loss"):
             student_scores = self.gmm(student_embeddings).view(views, -1, k)
             loss = self.loss(student_scores, teacher_probs=targets)

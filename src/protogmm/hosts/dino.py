@@ -90,7 +90,10 @@ class DINO(Host):
     def teacher_targets(
         self, ctx: StepContext, teacher: TeacherOutput, posterior: Tensor | None
     ) -> Targets:
-        return Targets(self.cls_targets(ctx, teacher.embeddings, posterior, teacher.scores))
+        # The scores the fit computed (truncated EM) serve the targets only: not kept
+        # through the student's pass (a [2B, K] tensor).
+        scores, teacher.scores = teacher.scores, None
+        return Targets(self.cls_targets(ctx, teacher.embeddings, posterior, scores))
 
     def cls_targets(
         self,
