@@ -174,6 +174,13 @@ class Host(ConfigSpec, nn.Module):
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
     @staticmethod
+    def student_scores(ctx: StepContext, views: list[Tensor]) -> Tensor:
+        """The student embeds every view and is scored against the same (fixed) prototypes:
+        ``[V, B, K]``."""
+        scores = ctx.prototypes.student(embed(ctx.student, views))
+        return scores.view(len(views), views[0].shape[0], -1)
+
+    @staticmethod
     @torch.no_grad()
     def posterior_targets(kind: PrototypeKind, posterior: Tensor) -> Tensor:
         """Targets from the mixture's posterior: tempered, optionally Sinkhorn-balanced."""

@@ -15,7 +15,6 @@ from protogmm.hosts.base import (
     StepOutput,
     Targets,
     TeacherOutput,
-    embed,
 )
 from protogmm.hosts.ibot import _check_seed
 from protogmm.objectives import CARPLoss
@@ -89,8 +88,7 @@ class CARP(Host):
     ) -> StepOutput:
         assert self.objective is not None
         # The student embeds every view and is scored against the same prototypes.
-        scores = ctx.prototypes.student(embed(ctx.student, views))
-        scores = scores.view(len(views), views[0].shape[0], -1)
+        scores = self.student_scores(ctx, views)
         # This step's random partition into blocks of P; per-block consistency over
         # cross-view pairs + KL(mean block assignment || uniform).
         partition = self.objective.next_partition()

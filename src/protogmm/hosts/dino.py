@@ -15,7 +15,6 @@ from protogmm.hosts.base import (
     StepOutput,
     Targets,
     TeacherOutput,
-    embed,
 )
 from protogmm.objectives import DINOLoss
 from protogmm.objectives.balancing import sinkhorn_knopp
@@ -132,8 +131,7 @@ class DINO(Host):
     ) -> StepOutput:
         assert self.objective is not None
         # The student embeds every view and is scored against the same (fixed) prototypes.
-        scores = ctx.prototypes.student(embed(ctx.student, views))
-        scores = scores.view(len(views), views[0].shape[0], -1)
+        scores = self.student_scores(ctx, views)
         # DINO's cross-entropy over all (teacher view, other student view) pairs (eq. 3).
         loss = self.objective(scores, teacher_probs=targets.probs)
         if ctx.prototypes.clustering is None:
