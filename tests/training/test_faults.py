@@ -375,6 +375,7 @@ def fit_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[s
         ("--model.bottleneck_dim=8", "model.bottleneck_dim is 16 in the checkpoint but 8"),
         ("--model.prototypes=Joint", "model.prototypes is 'Decoupled' in the checkpoint"),
         ("--model.host=CARP", "model.host is 'DINO' in the checkpoint but 'CARP'"),
+        ("--model.optimizer=lars", "model.optimizer is 'adamw' in the checkpoint but 'lars'"),
         (
             "--model.prototypes.gmm={covariance: isotropic}",
             "model.prototypes.gmm is None in the checkpoint",

@@ -41,6 +41,7 @@ STRUCTURAL_KEYS = (
     "prototypes.gmm",
     "host.patch_prototypes",
     "host.num_patch_prototypes",
+    "optimizer",  # its saved state (moments, momentum buffers) loads only into its own kind
 )
 
 
