@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import REPO_ROOT, child_environment
 
 
+@pytest.mark.slow  # 12 s: a smoke test of a script only a lent GPU runs
 def test_the_gpu_check_runs_every_host_and_kind_on_the_cpu(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_check", "--tiny", "--device", "cpu"]

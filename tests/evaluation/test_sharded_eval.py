@@ -29,7 +29,7 @@ DATA = [
     ("command", "kind", "lines"),
     [
         (["eval", "knn"], "decoupled", 5),  # header, rule, trained, untrained, pixels
-        (["eval", "linear"], "joint", 5),
+        # (the linear probe reads the same gathered features: its path is one process's)
         (["diagnose"], "decoupled", 5),  # the uniqueness table and the usage table
     ],
 )
