@@ -50,12 +50,6 @@ class ConfigSpec:
         }
         return {"class_path": class_path(type(self)), "init_args": overrides}
 
-    def describe(self) -> str:
-        """``Name(option=value, ...)`` with the options that differ from the defaults."""
-        spec = self.spec()
-        args = ", ".join(f"{key}={value!r}" for key, value in spec["init_args"].items())
-        return f"{type(self).__name__}({args})"
-
     @classmethod
     def build(cls: type[SpecT], value: Any, key: str) -> SpecT:
         """An instance of ``cls`` (or a subclass) from an instance, a spec or a short name.
