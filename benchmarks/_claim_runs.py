@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ._claim_rules import CLAIM_EPS, EARLY_FRACTION_OF_STEPS
-from ._common import load_run, mean_std, module_command, normalised_model, run_hparams
+from ._common import load_run, mean_std, module_command, run_hparams
 
 DEFAULT_DIRS = {
     "decoupling": Path("runs/benchmarks/decoupling"),
@@ -175,10 +175,12 @@ def group_accuracy(run: Run, protocol: str, group: str) -> float | None:
 def koleo_weight(run: Run) -> str | None:
     """The KoLeo-proto weight a run trained with, from its ``hparams.yaml``."""
     try:
-        model = normalised_model(run_hparams(run.path))
+        from protogmm.training.resume_check import comparable_settings
+
+        model = comparable_settings(run_hparams(run.path))
     except (OSError, ValueError):
         return None
-    weight = model["prototypes"]["init_args"].get("koleo_weight")
+    weight = model.get("prototypes.koleo_weight")  # joint and partial runs only
     return None if weight is None else f"{weight:g}"
 
 

@@ -243,14 +243,18 @@ def reusable_run(
     summary = load_run(run_dir)
     if summary.get("epochs") != epochs:
         return None
-    hparams = normalised_model(run_hparams(run_dir))
-    wanted_model = normalised_model(model)
+    # Both sides in one flat view whatever their layout (the benchmarks describe models in
+    # the flat one, runs since the classes record specs): the resume check's own.
+    from protogmm.training.resume_check import comparable_settings
+
+    hparams = comparable_settings(run_hparams(run_dir))
+    wanted_model = comparable_settings(model)
     for key, wanted in {**wanted_model, **data}.items():
         if _plain(hparams.get(key)) != _plain(wanted):
             return None
     if summary.get("prototypes") == "decoupled":
         made_with = summary.get("gmm")
-        overrides = wanted_model["prototypes"]["init_args"].get("gmm")
+        overrides = wanted_model.get("prototypes.gmm")
         if made_with is None or _without_anneal_steps(made_with) != _without_anneal_steps(
             gmm_settings(overrides)
         ):
@@ -261,27 +265,6 @@ def reusable_run(
 def run_hparams(run_dir: Path) -> dict[str, Any]:
     """A run's ``hparams.yaml`` (model and data settings), safely loaded."""
     return yaml.load((Path(run_dir) / "hparams.yaml").read_text(), Loader=_HparamsLoader) or {}
-
-
-def normalised_model(settings: dict[str, Any]) -> dict[str, Any]:
-    """Model settings in today's layout with ``host`` and ``prototypes`` as their classes'
-    specs (only the options that differ from the defaults), so the flat layout of the
-    benchmarks and of runs before the classes compares equal to what a run records today."""
-    import warnings
-
-    from protogmm.hosts import Host
-    from protogmm.prototypes import PrototypeKind
-    from protogmm.training.legacy_hparams import upgrade_model_hparams
-
-    upgraded = upgrade_model_hparams(settings)
-    with warnings.catch_warnings():  # e.g. posterior targets without balancing: known here
-        warnings.simplefilter("ignore")
-        for key, base, default in (
-            ("host", Host, "dino"),
-            ("prototypes", PrototypeKind, "decoupled"),
-        ):
-            upgraded[key] = base.build(upgraded.get(key) or default, f"model.{key}").spec()
-    return upgraded
 
 
 def _plain(value: Any) -> Any:
