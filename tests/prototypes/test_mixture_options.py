@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,42 @@ from protogmm.prototypes import Decoupled, MixtureOptions, OnlineGMM
 from protogmm.training.module import PrototypicalSSL
 
 
-def test_every_option_of_online_gmm_with_its_default() -> None:
-    parameters = inspect.signature(OnlineGMM.__init__).parameters
+def test_online_gmm_takes_the_options_and_reports_them_as_its_settings() -> None:
     options = {field.name: field.default for field in dataclasses.fields(MixtureOptions)}
-    assert set(options) == set(parameters) - {"self", "num_prototypes", "dim"}
+    assert set(OnlineGMM.SETTINGS) == set(options)
+    defaults = OnlineGMM(4, 3).settings()
     for name, default in options.items():
-        if name == "anneal_steps":  # None: the trainer sets it from its schedule
-            assert default is None and parameters[name].default == 1000
+        if name == "anneal_steps":  # None: the trainer sets it; alone, a mixture takes 1000
+            assert default is None and defaults[name] == 1000
         else:
-            assert parameters[name].default == default, name
+            assert defaults[name] == default, name
+    by_options = OnlineGMM(4, 3, MixtureOptions(eta=0.9, top_k=2))
+    by_keywords = OnlineGMM(4, 3, eta=0.9, top_k=2)
+    over = OnlineGMM(4, 3, MixtureOptions(eta=0.5, top_k=2), eta=0.9)  # keywords win
+    assert by_options.settings() == by_keywords.settings() == over.settings()
+    assert OnlineGMM(4, 3, forgetting="none").mixing_eta == 1.0  # resolved, as before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"etaa": 0.9}, r"OnlineGMM: unknown option\(s\) 'etaa'; it takes covariance"),
+        ({"eta": 1.5}, r"^eta must be in \(0.0, 1.0\], got 1.5$"),
+        ({"covariance": "full"}, r"^covariance must be one of"),
+        ({"top_k": 1}, r"^top_k must be"),
+        ({"merge_overlap": 0.0}, r"^merge_overlap must be in \(0.0, 1.0\]"),
+        ({"center_momentum": 1.0}, r"^center_momentum must be in \[0.0, 1.0\)"),
+        ({"anneal_steps": -1}, r"^anneal_steps must be"),
+    ],
+)
+def test_a_bad_option_is_one_line_naming_it(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        OnlineGMM(4, 3, **options)
+    if "etaa" not in options:  # the options themselves are checked where they are made
+        with pytest.raises(ValueError, match=message):
+            MixtureOptions(**options)
+        with pytest.raises(ValueError, match=r"^model\.prototypes\.gmm\." + message[1:]):
+            Decoupled(gmm=options)
 
 
 def test_coerce_and_overrides() -> None:
@@ -30,8 +56,6 @@ def test_coerce_and_overrides() -> None:
     options = MixtureOptions.coerce({"merge_overlap": None, "eta": 0.9})
     assert options.overrides() == {"merge_overlap": None, "eta": 0.9}
     assert MixtureOptions.coerce(options) is options
-    assert "anneal_steps" not in MixtureOptions().gmm_kwargs()
-    assert MixtureOptions(anneal_steps=5).gmm_kwargs()["anneal_steps"] == 5
     with pytest.raises(ValueError, match=r"model.gmm: unknown option\(s\) 'reseed_after'"):
         MixtureOptions.coerce({"reseed_after": 100})
 

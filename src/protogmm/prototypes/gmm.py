@@ -37,14 +37,14 @@ Per step ``t``, with ``h`` the ``[N, d]`` teacher embeddings projected onto the 
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal
+import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from protogmm._checks import check_choice, check_in_range, check_matrix, check_positive_int
+from protogmm._checks import check_matrix, check_positive_int
 from protogmm.prototypes._gmm_em import _TINY_COUNT
 from protogmm.prototypes._gmm_maintenance import SplitAndMerge
 from protogmm.prototypes._gmm_maintenance import (  # re-exported from its former home
@@ -56,24 +56,11 @@ from protogmm.prototypes._gmm_state import (  # re-exported from its former home
 )
 from protogmm.prototypes._gmm_truncated import MixtureUpdate, TruncatedEMSteps
 from protogmm.prototypes.base import PrototypeSet
+from protogmm.prototypes.mixture_options import MixtureOptions
 from protogmm.schedules import cosine_ramp
 
-Covariance = Literal["diagonal", "isotropic"]
-Forgetting = Literal["responsibility", "time", "none"]
-Mixing = Literal["counts", "uniform"]
-Anneal = Literal["means", "joint"]
-
-
-def _optional_in_range(
-    name: str, value: float | None, low: float, high: float, **bounds: bool
-) -> float | None:
-    """``value`` as given (None or in range, see :func:`check_in_range`), else ValueError.
-
-    The value itself, not ``float(value)``: :meth:`OnlineGMM.settings` reports it as passed.
-    """
-    if value is not None:
-        check_in_range(name, value, low, high, **bounds)
-    return value
+#: Annealing steps of a mixture built outside a trainer (a trainer sets its schedule's).
+_STANDALONE_ANNEAL_STEPS = 1000
 
 
 #: The first round's mixture as options of today's :class:`OnlineGMM`: plain online EM with
@@ -113,68 +100,13 @@ class OnlineGMM(MixtureState, TruncatedEMSteps, SplitAndMerge, PrototypeSet):
     Args:
         num_prototypes: K, the number of mixture components (= prototypes).
         dim: d, the embedding dimension.
-        covariance: ``"diagonal"`` (per-component, per-dimension variances) or
-            ``"isotropic"`` (one variance per component).
-        forgetting: ``"responsibility"`` (``lambda_k = eta ** n_k``: a component forgets as
-            much as it learns and an idle one keeps its estimate), ``"time"`` (``lambda = eta``
-            for every component each step, Sato & Ishii 2000) or ``"none"`` (``lambda = 1``).
-        eta: retention in (0, 1]; per unit of responsibility for ``"responsibility"`` (memory
-            about ``-1 / ln(eta)`` samples per component), per step for ``"time"``.
-        mixing: ``"counts"`` (``pi`` from discounted counts) or ``"uniform"`` (``pi = 1/K``,
-            an equipartition prior as Sinkhorn-Knopp imposes; the counts are still kept to
-            find stranded components).
-        mixing_memory: how many expected hits of a component (``N / K`` per step for a
-            global batch of ``N`` rows) the mixing counts remember: the per-step discount is
-            ``exp(-(N / K) / mixing_memory)``. A per-step discount independent of ``N / K``
-            (the former default ``mixing_eta = eta``) remembers less than one hit per
-            component at large K, so ``pi`` is noise and a few components take all the
-            weight (measured: 40 of 4,096 held 99.999 %).
-        mixing_eta: a fixed per-step discount of the mixing counts instead (None: from
-            ``mixing_memory``; 1 when ``forgetting="none"``).
-        anneal: ``"means"`` (the tempered posterior estimates the means and weights, the
-            untempered one the variances) or ``"joint"`` (the tempered posterior estimates
-            everything: classic deterministic annealing, which merges the means while beta
-            is small).
-        beta0: the annealing inverse temperature at step 0, in (0, 1].
-        anneal_steps: steps of the cosine ramp of beta from ``beta0`` to 1 (0: no annealing).
-        var_floor: the variance floor ``sigma^2_min`` of the M-step; None: ``1e-2 / d``, one
-            hundredth of the per-dimension variance of embeddings spread over the sphere (a
-            fixed ``1e-4`` is below that by ``d / 100``, so at ``d = 128`` a component at the
-            floor gains ``d/2 ln 78 = 279`` nats of log-determinant over a broad one).
-        n_init: pseudo-count given to each component at initialisation.
-        init_samples: embeddings collected before initialising (k-means); None: K, at least
-            one per component (from fewer rows, the extra means are jittered copies of rows,
-            near-duplicates by construction); 0: the first batch, whatever its size. While
-            collecting, :meth:`update` returns uniform responsibilities.
-        kmeans_iters: Lloyd iterations after the k-means++ seeding.
-        init_restarts: k-means runs at initialisation; the lowest inertia is kept.
-        init_variance: the initial variance of every component: ``"pooled"`` within the
-            k-means clusters, or ``"global"``, the variance of all the embeddings (the former
-            default: it includes the spread between clusters, so the first E-steps assign
-            every embedding to every component).
-        kmeanspp_max_seeds: above this K the sequential k-means++ seeding is replaced by a
-            random choice of distinct embeddings (k-means++ costs K sequential passes).
-        merge_overlap: merge two components when the Bhattacharyya coefficient of their
-            densities exceeds this (two components sharing one cluster: about 0.7; two
-            clusters a few standard deviations apart: below 0.1). Candidate pairs are each
-            batch row's two most likely components, so the cost stays linear in K. None:
-            never merge.
-        reseed_min_share: a component whose mixing weight fell below this fraction of its
-            expected share ``1/K`` is stranded and re-seeded (None: never). With the
-            default ``mixing_memory`` a healthy component falls that low with probability
-            about ``exp(-19)``; a component that gets nothing does after about
-            ``3 mixing_memory K / N`` steps.
-        top_k: truncated EM: each row's E-step and statistics cover only its ``top_k``
-            components by cosine score (the scores the targets need anyway); the others get
-            zero responsibility for it. None: every component (the dense update, equal to
-            ``top_k = K``). At least 2 (split and merge's candidate pairs).
-        chunk_size: components per chunk of the E-step and statistics products.
-        center_momentum: if set, the mixture lives on *centred* embeddings: a running mean
-            ``m`` of the (unit) embeddings is kept (EMA with this momentum) and every input,
-            in :meth:`update` and in :meth:`forward`, is mapped to ``(h - m) / ||h - m||``.
-            None: no centring.
-        seed: seed of the generator used for initialisation (independent of the global RNG,
-            so fitting the mixture does not perturb training's random stream).
+        options: the mixture's options (:class:`MixtureOptions`, each documented there;
+            None: the defaults).
+        **overrides: options by name, applied over ``options``
+            (``OnlineGMM(K, d, eta=0.9)``); ``anneal_steps=None`` resolves to 1000 here.
+
+    Raises:
+        ValueError: one line naming an unknown or out-of-range option.
     """
 
     decoupled = True
@@ -183,77 +115,35 @@ class OnlineGMM(MixtureState, TruncatedEMSteps, SplitAndMerge, PrototypeSet):
         self,
         num_prototypes: int,
         dim: int,
-        *,
-        covariance: Covariance = "diagonal",
-        forgetting: Forgetting = "responsibility",
-        eta: float = 0.98,
-        mixing: Mixing = "counts",
-        mixing_memory: float = 20.0,
-        mixing_eta: float | None = None,
-        anneal: Anneal = "means",
-        beta0: float = 0.1,
-        anneal_steps: int = 1000,
-        var_floor: float | None = None,
-        n_init: float = 1.0,
-        init_samples: int | None = None,
-        kmeans_iters: int = 10,
-        init_restarts: int = 3,
-        init_variance: Literal["pooled", "global"] = "pooled",
-        kmeanspp_max_seeds: int = 4096,
-        merge_overlap: float | None = 0.5,
-        reseed_min_share: float | None = 0.05,
-        top_k: int | None = None,
-        chunk_size: int = 4096,
-        center_momentum: float | None = None,
-        seed: int = 0,
+        options: MixtureOptions | None = None,
+        **overrides: Any,
     ) -> None:
         check_positive_int("num_prototypes", num_prototypes)
         check_positive_int("dim", dim)
+        options = MixtureOptions.coerce(options)
+        if overrides:
+            unknown = sorted(set(overrides) - set(self.SETTINGS))
+            if unknown:
+                raise ValueError(
+                    f"OnlineGMM: unknown option(s) {', '.join(map(repr, unknown))}; "
+                    f"it takes {', '.join(self.SETTINGS)}"
+                )
+            options = dataclasses.replace(options, **overrides)  # checked again
         super().__init__(num_prototypes, dim)
-        self.covariance = check_choice("covariance", covariance, ("diagonal", "isotropic"))
-        self.forgetting = check_choice("forgetting", forgetting, ("responsibility", "time", "none"))
-        self.mixing = check_choice("mixing", mixing, ("counts", "uniform"))
-        self.anneal = check_choice("anneal", anneal, ("means", "joint"))
-        self.eta = check_in_range("eta", eta, 0.0, 1.0, low_inclusive=False)
-        self.mixing_memory = check_in_range(
-            "mixing_memory", mixing_memory, 0.0, math.inf, low_inclusive=False
-        )
-        if mixing_eta is None and forgetting == "none":
-            mixing_eta = 1.0
-        self.mixing_eta = _optional_in_range(
-            "mixing_eta", mixing_eta, 0.0, 1.0, low_inclusive=False
-        )
-        self.beta0 = check_in_range("beta0", beta0, 0.0, 1.0, low_inclusive=False)
-        self.anneal_steps = check_positive_int("anneal_steps", anneal_steps, minimum=0)
+        for name in self.SETTINGS:
+            setattr(self, name, getattr(options, name))
         # None-valued options are reported as None by settings() (they resolve from K or d),
-        # so runs of any K, d share one record of the defaults.
-        self.var_floor = _optional_in_range(
-            "var_floor", var_floor, 0.0, math.inf, low_inclusive=False
-        )
-        self._var_floor = 1e-2 / dim if var_floor is None else var_floor
-        self.n_init = check_in_range("n_init", n_init, 0.0, math.inf, low_inclusive=False)
-        if init_samples is not None:
-            check_positive_int("init_samples", init_samples, minimum=0)
-        self.init_samples = init_samples
-        self._init_rows = num_prototypes if init_samples is None else init_samples
-        self.init_variance = check_choice("init_variance", init_variance, ("pooled", "global"))
-        self.kmeans_iters = check_positive_int("kmeans_iters", kmeans_iters, minimum=0)
-        self.init_restarts = check_positive_int("init_restarts", init_restarts)
-        self.kmeanspp_max_seeds = check_positive_int("kmeanspp_max_seeds", kmeanspp_max_seeds)
-        self.merge_overlap = _optional_in_range(
-            "merge_overlap", merge_overlap, 0.0, 1.0, low_inclusive=False
-        )
-        self.reseed_min_share = _optional_in_range(
-            "reseed_min_share", reseed_min_share, 0.0, 1.0, low_inclusive=False
-        )
-        self.top_k = None if top_k is None else check_positive_int("top_k", top_k, minimum=2)
-        self.chunk_size = check_positive_int("chunk_size", chunk_size)
-        self.center_momentum = _optional_in_range(
-            "center_momentum", center_momentum, 0.0, 1.0, high_inclusive=False
-        )
-        self.seed = seed
+        # so runs of any K, d share one record of the defaults; the resolved values:
+        for name in ("eta", "beta0", "mixing_memory", "n_init"):
+            setattr(self, name, float(getattr(options, name)))
+        if options.anneal_steps is None:
+            self.anneal_steps = _STANDALONE_ANNEAL_STEPS
+        if options.mixing_eta is None and options.forgetting == "none":
+            self.mixing_eta = 1.0
+        self._var_floor = 1e-2 / dim if options.var_floor is None else options.var_floor
+        self._init_rows = num_prototypes if options.init_samples is None else options.init_samples
         # The buffers (steps 2-4's statistics, the init buffer, the centre): _gmm_state.py.
-        self._register_state(n_init)
+        self._register_state(self.n_init)
 
     # ------------------------------------------------------------------ read-only state
     @property

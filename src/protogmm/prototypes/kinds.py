@@ -172,5 +172,8 @@ class Decoupled(PrototypeKind):
 def _coerce_mixture(value: MixtureOptions | Mapping[str, Any] | None) -> MixtureOptions:
     try:
         return MixtureOptions.coerce(value)
-    except ValueError as error:
-        raise ValueError(str(error).replace("model.gmm", "model.prototypes.gmm", 1)) from None
+    except ValueError as error:  # one line naming the option under its command-line key
+        message = str(error)
+        if message.startswith("model.gmm"):
+            raise ValueError(message.replace("model.gmm", "model.prototypes.gmm", 1)) from None
+        raise ValueError(f"model.prototypes.gmm.{message}") from None

@@ -66,13 +66,9 @@ def add_prototype_modules(
         return
     if not isinstance(kind, Decoupled):
         raise ValueError(f"model.prototypes: unknown kind {kind!r}")
-    options = kind.gmm.gmm_kwargs()
-    try:
-        owner.gmm = OnlineGMM(num_prototypes, dim, **options)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"model.prototypes.gmm: {error}") from None
+    owner.gmm = OnlineGMM(num_prototypes, dim, kind.gmm)
     if num_patch_prototypes is not None:  # decoupled iBOT: the patch tokens' own mixture
-        owner.patch = nn.ModuleDict({"gmm": OnlineGMM(num_patch_prototypes, dim, **options)})
+        owner.patch = nn.ModuleDict({"gmm": OnlineGMM(num_patch_prototypes, dim, kind.gmm)})
 
 
 @dataclass(frozen=True)
