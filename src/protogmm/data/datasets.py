@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from protogmm._checks import check_choice, check_in_range, check_positive_int
+from protogmm.data.wrappers import TransformedDataset
 
 __all__ = [
     "EmbeddedMNIST",
@@ -416,7 +417,7 @@ def _render_blobs(
     return out.reshape(m, size, ch, size).transpose(0, 1, 3, 2)
 
 
-class MultiViewDataset(Dataset):
+class MultiViewDataset(TransformedDataset):
     """Turn a labelled image dataset into a multi-view one for self-supervised training.
 
     ``MultiViewDataset(base, MultiCropTransform(...))[i] == (views, label)`` where ``views``
@@ -430,16 +431,3 @@ class MultiViewDataset(Dataset):
             ``.dataset`` for its attributes (``labels``, ``num_classes``, ...).
         transform: maps one image to a list of view tensors.
     """
-
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], list[Any]]) -> None:
-        if not callable(transform):
-            raise ValueError(f"transform must be callable, got {type(transform).__name__}")
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[list[Any], int]:
-        image, label = self.dataset[index]
-        return self.transform(image), label

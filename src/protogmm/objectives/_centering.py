@@ -6,10 +6,14 @@ their own centre ``C2``. Kept in one place so the [CLS] and patch paths cannot d
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from protogmm._checks import check_in_range, check_positive_int
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -45,3 +49,35 @@ def update_center_(center: Tensor, rows: Tensor, momentum: float) -> None:
         count *= dist.get_world_size()
     batch_center = batch_center / count
     center.copy_(center * momentum + batch_center.to(center.dtype) * (1.0 - momentum))
+
+
+class CentredDistillation(nn.Module):
+    """The state DINO's loss and iBOT's patch loss share: K, the student's temperature and
+    the teacher's centre (a ``[1, K]`` buffer, zeros at init, updated by EMA with
+    ``center_momentum``).
+
+    Args:
+        num_prototypes: K, the number of prototypes (score columns).
+        student_temperature: ``tau_s`` (> 0); DINO and iBOT use 0.1.
+        center_momentum: ``m`` in ``[0, 1]``; DINO and iBOT use 0.9.
+    """
+
+    center: Tensor
+
+    def __init__(
+        self, num_prototypes: int, student_temperature: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
+        super().__init__()
+        self.num_prototypes = check_positive_int("num_prototypes", num_prototypes)
+        self.student_temperature = check_in_range(
+            "student_temperature", student_temperature, 0.0, math.inf, low_inclusive=False
+        )
+        self.center_momentum = check_in_range("center_momentum", center_momentum, 0.0, 1.0)
+        self.register_buffer("center", torch.zeros(1, num_prototypes))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_prototypes={self.num_prototypes}, "
+            f"student_temperature={self.student_temperature}, "
+            f"center_momentum={self.center_momentum}"
+        )

@@ -13,10 +13,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from protogmm._checks import check_in_range, check_positive_int
-from protogmm.objectives._centering import centred_softmax, compute_dtype, update_center_
+from protogmm._checks import check_in_range
+from protogmm.objectives._centering import (
+    CentredDistillation,
+    centred_softmax,
+    compute_dtype,
+    update_center_,
+)
 
 
 def _check_views(name: str, x: object, num_prototypes: int) -> Tensor:
@@ -118,7 +123,7 @@ def _mean_cross_entropy(targets: Tensor, log_probs: Tensor) -> Tensor:
     return total / (num_teacher * (num_student - 1))
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CentredDistillation):
     """Cross-entropy between centred, sharpened teacher and student prototype distributions.
 
     With student scores ``s`` and teacher scores ``t`` (cosines against the prototypes),
@@ -148,20 +153,6 @@ class DINOLoss(nn.Module):
     Attributes:
         center: buffer ``[1, K]``, the EMA of teacher scores (zeros at init).
     """
-
-    center: Tensor
-
-    def __init__(
-        self,
-        num_prototypes: int,
-        student_temperature: float = 0.1,
-        center_momentum: float = 0.9,
-    ) -> None:
-        super().__init__()
-        self.num_prototypes = check_positive_int("num_prototypes", num_prototypes)
-        self.student_temperature = _check_temperature("student_temperature", student_temperature)
-        self.center_momentum = check_in_range("center_momentum", center_momentum, 0.0, 1.0)
-        self.register_buffer("center", torch.zeros(1, num_prototypes))
 
     @torch.no_grad()
     def teacher_distribution(self, teacher_scores: Tensor, teacher_temperature: float) -> Tensor:
@@ -262,10 +253,3 @@ class DINOLoss(nn.Module):
         if teacher_scores is not None and update_center:
             self.update_center(teacher_scores)
         return loss
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_prototypes={self.num_prototypes}, "
-            f"student_temperature={self.student_temperature}, "
-            f"center_momentum={self.center_momentum}"
-        )

@@ -24,15 +24,20 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from protogmm._checks import check_in_range, check_matrix, check_positive_int
-from protogmm.objectives._centering import centred_softmax, compute_dtype, update_center_
+from protogmm._checks import check_in_range, check_matrix
+from protogmm.objectives._centering import (
+    CentredDistillation,
+    centred_softmax,
+    compute_dtype,
+    update_center_,
+)
 
 __all__ = ["IBOTPatchLoss"]
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CentredDistillation):
     """Cross-entropy of the student's masked patch tokens against the teacher's.
 
     Only the masked positions enter the loss, so the inputs are the masked rows alone, in the
@@ -47,22 +52,6 @@ class IBOTPatchLoss(nn.Module):
     Attributes:
         center: buffer ``[1, K]``, the EMA of the teacher's mean patch scores (zeros at init).
     """
-
-    center: Tensor
-
-    def __init__(
-        self,
-        num_prototypes: int,
-        student_temperature: float = 0.1,
-        center_momentum: float = 0.9,
-    ) -> None:
-        super().__init__()
-        self.num_prototypes = check_positive_int("num_prototypes", num_prototypes)
-        self.student_temperature = check_in_range(
-            "student_temperature", student_temperature, 0.0, math.inf, low_inclusive=False
-        )
-        self.center_momentum = check_in_range("center_momentum", center_momentum, 0.0, 1.0)
-        self.register_buffer("center", torch.zeros(1, num_prototypes))
 
     @torch.no_grad()
     def teacher_distribution(self, teacher_scores: Tensor, teacher_temperature: float) -> Tensor:
@@ -144,10 +133,3 @@ class IBOTPatchLoss(nn.Module):
         per_image = per_image / masks.sum(dim=-1).reshape(-1).clamp_min(1).to(dtype)
         # Mean over images, then over views (iBOT: sum of per-view means / number of views).
         return per_image.view(num_views, batch).mean(dim=1).mean()
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_prototypes={self.num_prototypes}, "
-            f"student_temperature={self.student_temperature}, "
-            f"center_momentum={self.center_momentum}"
-        )
