@@ -15,6 +15,7 @@ from protogmm.hosts.base import (
     StepOutput,
     Targets,
     TeacherOutput,
+    embed,
 )
 from protogmm.objectives import DINOLoss
 from protogmm.objectives.balancing import sinkhorn_knopp
@@ -129,11 +130,9 @@ class DINO(Host):
     def student_loss(
         self, ctx: StepContext, views: list[Tensor], teacher: TeacherOutput, targets: Targets
     ) -> StepOutput:
-        assert self.objective is not None
-        # The student embeds every view and is scored against the same (fixed) prototypes.
-        scores = self.student_scores(ctx, views)
-        # DINO's cross-entropy over all (teacher view, other student view) pairs (eq. 3).
-        loss = self.objective(scores, teacher_probs=targets.probs)
+        # The student embeds every view; DINO's cross-entropy over all (teacher view, other
+        # student view) pairs against the prototypes (eq. 3).
+        loss = self.cls_loss(ctx, embed(ctx.student, views), targets.probs)
         if ctx.prototypes.clustering is None:
             return StepOutput(loss, targets.probs)
         # Partial (CAPI): the teacher's layer learns to predict its own balanced targets from
@@ -142,6 +141,19 @@ class DINO(Host):
         return StepOutput(
             loss + clustering, targets.probs, {"train/clustering_loss": clustering.detach()}
         )
+
+    def cls_loss(self, ctx: StepContext, embeddings: Tensor, targets: Tensor) -> Tensor:
+        """DINO's loss of the student's ``[V_s * B, d]`` embeddings against ``[2, B, K]``
+        targets. Decoupled prototypes are constants of this step (eq. 3), so the loss and its
+        gradient to the embeddings come from one pass that keeps no ``[V_s * B, K]`` tensor
+        for backward (:meth:`DINOLoss.against_fixed_prototypes`)."""
+        assert self.objective is not None
+        prototypes = ctx.prototypes.student
+        if prototypes.decoupled:
+            unit = prototypes.unit_inputs(embeddings)
+            return self.objective.against_fixed_prototypes(unit, prototypes.prototypes(), targets)
+        scores = prototypes(embeddings).view(-1, targets.shape[1], targets.shape[2])
+        return self.objective(scores, teacher_probs=targets)
 
     @staticmethod
     def clustering_loss(ctx: StepContext, embeddings: Tensor, targets: Tensor) -> Tensor:

@@ -174,10 +174,9 @@ class IBOT(DINO):
             masks,
             views[NUM_GLOBAL_VIEWS:],
         )
-        cls_scores = ctx.prototypes.student(student_cls).view(len(views), batch_size, -1)
         patch_scores = ctx.prototypes.student_patch(student_patches)  # [M, K_p]
         # DINO over [CLS] pairs + the masked-patch cross-entropy (lambda1 = 1, lambda2).
-        cls_loss = self.objective(cls_scores, teacher_probs=targets.probs)
+        cls_loss = self.cls_loss(ctx, student_cls, targets.probs)
         patch_loss = self.patch_objective(
             patch_scores, targets.patches, masks.view(NUM_GLOBAL_VIEWS, batch_size, -1)
         )

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from protogmm._checks import check_in_range
+from protogmm._checks import check_in_range, check_matrix
 from protogmm.objectives._centering import (
     CentredDistillation,
     centred_softmax,
     compute_dtype,
     update_center_,
 )
+from protogmm.objectives.fixed_prototypes import fixed_prototype_cross_entropy
 
 
 def _check_views(name: str, x: object, num_prototypes: int) -> Tensor:
@@ -185,6 +186,46 @@ class DINOLoss(CentredDistillation):
         _check_views("teacher_scores", teacher_scores, self.num_prototypes)
         rows = teacher_scores.reshape(-1, self.num_prototypes)
         update_center_(self.center, rows, self.center_momentum)
+
+    def against_fixed_prototypes(
+        self, embeddings: Tensor, prototypes: Tensor, teacher_probs: Tensor
+    ) -> Tensor:
+        """The loss of :meth:`forward` with ready targets, for prototypes that get no gradient.
+
+        Equal to ``self((embeddings @ prototypes.T).view(V_s, B, K),
+        teacher_probs=teacher_probs)`` in value and in its gradient to ``embeddings``, without
+        keeping ``[V_s * B, K]`` tensors for backward
+        (:func:`~protogmm.objectives.fixed_prototypes.fixed_prototype_cross_entropy`).
+
+        Args:
+            embeddings: ``[V_s * B, d]`` unit student embeddings, view-major.
+            prototypes: ``[K, d]`` unit prototypes, constants of the step.
+            teacher_probs: ``[V_t, B, K]`` target distributions.
+
+        Returns:
+            Scalar loss (float32, or float64 for float64 input).
+        """
+        _check_views("teacher_probs", teacher_probs, self.num_prototypes)
+        check_matrix("prototypes", prototypes, finite=False)
+        if prototypes.shape[0] != self.num_prototypes:
+            raise ValueError(
+                f"prototypes must have {self.num_prototypes} rows, got shape "
+                f"{tuple(prototypes.shape)}"
+            )
+        batch = teacher_probs.shape[1]
+        check_matrix("embeddings", embeddings, cols=prototypes.shape[1], finite=False)
+        if embeddings.shape[0] % batch or embeddings.shape[0] // batch < max(
+            2, teacher_probs.shape[0]
+        ):
+            raise ValueError(
+                f"embeddings must hold V_s >= max(2, V_t) views of {batch} rows, got shape "
+                f"{tuple(embeddings.shape)} for teacher_probs {tuple(teacher_probs.shape)}"
+            )
+        dtype = compute_dtype(embeddings)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return fixed_prototype_cross_entropy(
+                embeddings.to(dtype), prototypes, teacher_probs, self.student_temperature
+            )
 
     @torch.no_grad()
     def reset_center(self, prototypes: Tensor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -40,6 +41,11 @@ class PrototypeSet(nn.Module, ABC):
     @abstractmethod
     def forward(self, z: Tensor) -> Tensor:
         """Return ``[B, K]`` cosine scores of the (L2-normalised) embeddings ``z`` ``[B, d]``."""
+
+    def unit_inputs(self, z: Tensor) -> Tensor:
+        """The unit vectors a decoupled set's :meth:`forward` scores ``z`` as, differentiable
+        in ``z``: ``z`` normalised in float32 (a set may map it first: a centred mixture)."""
+        return F.normalize(z.float(), dim=1)
 
     @torch.no_grad()
     def update(self, h: Tensor) -> Tensor | None:

@@ -200,10 +200,15 @@ class OnlineGMM(MixtureState, TruncatedEMSteps, SplitAndMerge, PrototypeSet):
         """
         check_matrix("z", z, cols=self.dim, min_rows=0, finite=False)  # 0 rows: no scores
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z = F.normalize(z.float(), dim=1)
-            if self.center_momentum is not None:
-                z = F.normalize(z - self.embedding_center, dim=1)
-            return z @ self.prototypes().T
+            return self.unit_inputs(z) @ self.prototypes().T
+
+    def unit_inputs(self, z: Tensor) -> Tensor:
+        """The unit vectors :meth:`forward` scores: ``z`` normalised in float32,
+        then centred and normalised again under ``center_momentum``."""
+        z = F.normalize(z.float(), dim=1)
+        if self.center_momentum is not None:
+            z = F.normalize(z - self.embedding_center, dim=1)
+        return z
 
     @torch.no_grad()
     def log_joint(self, h: Tensor) -> Tensor:
