@@ -162,7 +162,7 @@ class DecoupledHead:
         self.loss = DINOLoss(setting.k).to(setting.device)
 
     def step(self, teacher_embeddings: Tensor, student_embeddings: Tensor) -> None:
-        k, views = self.setting.k, self.setting.student_views
+        k = self.setting.k
         with phase("GMM update (E-step, statistics, M-step)"):
             # With top_k the update scores the teacher anyway and returns those scores
             # (refreshed where components moved), as PrototypeSets.fit hands them to DINO.
@@ -176,8 +176,10 @@ class DecoupledHead:
             self.loss.update_center(teacher_scores)
             del teacher_scores, fitted  # as in the host's step: only the targets live on
         with phase("student scores + loss"):
-            student_scores = self.gmm(student_embeddings).view(views, -1, k)
-            loss = self.loss(student_scores, teacher_probs=targets)
+            # As the DINO host's step: the prototypes are constants, so the loss and its
+            # gradient to the embeddings come from one blocked pass (no [N, K] kept).
+            unit = self.gmm.unit_inputs(student_embeddings)
+            loss = self.loss.against_fixed_prototypes(unit, self.gmm.prototypes(), targets)
         with phase("backward"):
             student_embeddings.grad = None
             loss.backward()

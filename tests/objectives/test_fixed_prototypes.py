@@ -25,11 +25,11 @@ def _inputs(
 
 
 @pytest.mark.parametrize(("num_student", "num_teacher"), [(2, 2), (4, 2), (6, 2), (3, 1)])
-@pytest.mark.parametrize("block_elements", [1 << 24, 7 * 5])  # one block; blocks of 5 rows
+@pytest.mark.parametrize("block_elements", [1 << 24, 7 * 3])  # a block a view; 3 images
 def test_value_and_gradient_equal_dinoloss_on_the_scores(
     num_student: int, num_teacher: int, block_elements: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Blocks of 5 rows over views of 4 images: blocks straddle the views' boundaries.
+    # Blocks of 3 images over views of 4: a full and a partial block in every view.
     monkeypatch.setattr(fixed_prototypes, "_BLOCK_ELEMENTS", block_elements)
     batch, k, d = 4, 7, 5
     z, prototypes, targets = _inputs(num_student, num_teacher, batch, k, d, seed=num_student)

@@ -68,21 +68,23 @@ class _FixedPrototypeCrossEntropy(torch.autograd.Function):
         scale = 1.0 / (batch * num_teacher * (num_student - 1))
         prototypes = prototypes.to(embeddings.dtype)
         targets = targets.to(embeddings.dtype)
-        teacher_views = torch.arange(num_teacher, device=embeddings.device)
+        every_target = targets.sum(dim=0)  # [B, K]: Q of a view no teacher view is
         block = max(1, _BLOCK_ELEMENTS // k)
         total = embeddings.new_zeros(())
         gradient = torch.empty_like(embeddings)
-        for start in range(0, embeddings.shape[0], block):
-            stop = min(start + block, embeddings.shape[0])
-            rows = torch.arange(start, stop, device=embeddings.device)
-            log_probs = F.log_softmax(embeddings[start:stop] @ prototypes.T / temperature, dim=-1)
-            # Q: the sum of the targets of every teacher view paired with the row's view.
-            paired = (teacher_views[None, :] != (rows // batch)[:, None]).to(embeddings.dtype)
-            summed_targets = torch.einsum("nt,tnk->nk", paired, targets[:, rows % batch])
-            total = total - (summed_targets * log_probs).sum()
-            grad_scores = summed_targets.sum(dim=-1, keepdim=True) * log_probs.exp()
-            grad_scores -= summed_targets
-            gradient[start:stop] = grad_scores @ prototypes
+        for view in range(num_student):
+            # Q: the targets of every teacher view paired with this one (all but its own).
+            paired = every_target - targets[view] if view < num_teacher else every_target
+            for start in range(0, batch, block):
+                images = slice(start, min(start + block, batch))
+                rows = slice(view * batch + images.start, view * batch + images.stop)
+                summed_targets = paired[images]
+                scores = embeddings[rows] @ prototypes.T
+                log_probs = F.log_softmax(scores.div_(temperature), dim=-1)
+                total = total - torch.dot(summed_targets.flatten(), log_probs.flatten())
+                # dL/ds up to the scale: sum(Q) p - Q, in place of the log-probabilities.
+                grad_scores = log_probs.exp_().mul_(summed_targets.sum(dim=-1, keepdim=True))
+                gradient[rows] = grad_scores.sub_(summed_targets) @ prototypes
         ctx.save_for_backward(gradient.mul_(scale / temperature))
         return total * scale
 
