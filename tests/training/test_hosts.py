@@ -142,6 +142,30 @@ def test_decoupled_variants_take_a_finite_step(host: str, extra: dict) -> None:
     assert any(p.grad is not None for p in model.student["backbone"].parameters())
 
 
+@pytest.mark.parametrize(("host", "student_scorings"), [("dino", 0), ("ibot", 0), ("carp", 1)])
+def test_a_truncated_fit_scores_the_teacher_once_for_every_host(
+    host: str, student_scorings: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Truncated EM scores the teacher anyway: every host's targets take those scores, so
+    the mixture scores nothing else but CARP's student (DINO's and iBOT's [CLS] losses take
+    the fixed prototypes directly)."""
+    L.seed_everything(0, verbose=False)
+    model = host_model(host, "decoupled", gmm={"top_k": 2, "init_samples": 0})
+    one_step(model, step=STEP)  # initialises the mixture on the first batch
+    calls: list[int] = []
+    forward = type(model.gmm).forward
+
+    def counted(gmm: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        if gmm is model.gmm:
+            calls.append(z.shape[0])
+        return forward(gmm, z)
+
+    monkeypatch.setattr(type(model.gmm), "forward", counted)
+    model.zero_grad()
+    assert math.isfinite(one_step(model, step=STEP + 1).item())
+    assert len(calls) == student_scorings, calls
+
+
 # ---------------------------------------------------------------- iBOT wiring
 @pytest.mark.parametrize("kind", ["joint", "decoupled"])
 def test_ibot_gradients_reach_the_mask_token_and_the_student_only(kind: str) -> None:

@@ -79,7 +79,10 @@ class CARP(Host):
         if posterior is not None and self.wants_posterior(prototypes.kind):
             probs = self.posterior_targets(prototypes.kind, posterior)
             return Targets(probs.view(NUM_GLOBAL_VIEWS, -1, probs.shape[-1]))
-        scores = prototypes.teacher(teacher.embeddings)
+        # The scores the fit computed (truncated EM), else the teacher's own.
+        scores, teacher.scores = teacher.scores, None
+        if scores is None:
+            scores = prototypes.teacher(teacher.embeddings)
         scores = scores.view(NUM_GLOBAL_VIEWS, -1, scores.shape[-1])
         return Targets(torch.softmax(scores / self.temperature, dim=-1), scores=scores)
 

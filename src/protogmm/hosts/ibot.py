@@ -155,7 +155,9 @@ class IBOT(DINO):
         self, ctx: StepContext, teacher: TeacherOutput, posterior: Tensor | None
     ) -> Targets:
         """DINO's targets for [CLS], iBOT's at the masked patch positions."""
-        cls_targets = self.cls_targets(ctx, teacher.embeddings, posterior)  # [2, B, K]
+        # The scores the fit computed (truncated EM) serve the [CLS] targets, as in DINO.
+        scores, teacher.scores = teacher.scores, None
+        cls_targets = self.cls_targets(ctx, teacher.embeddings, posterior, scores)  # [2, B, K]
         assert teacher.patches is not None and teacher.masks is not None
         patch_targets = self.patch_targets(ctx, teacher.patches, teacher.masks)  # [M, K_p]
         return Targets(cls_targets, patches=patch_targets)
