@@ -245,11 +245,11 @@ def reusable_run(
         return None
     # Both sides in one flat view whatever their layout (the benchmarks describe models in
     # the flat one, runs since the classes record specs): the resume check's own.
-    from protogmm.training.resume_check import comparable_settings
+    from protogmm.training.resume_check import comparable_data_settings, comparable_settings
 
     hparams = comparable_settings(run_hparams(run_dir))
     wanted_model = comparable_settings(model)
-    for key, wanted in {**wanted_model, **data}.items():
+    for key, wanted in {**wanted_model, **comparable_data_settings(data)}.items():
         if _plain(hparams.get(key)) != _plain(wanted):
             return None
     if summary.get("prototypes") == "decoupled":

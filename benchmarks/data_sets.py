@@ -49,8 +49,7 @@ def data_sets(root: Path) -> dict[str, dict[str, Any]]:
         "MNIST-5k rotated": {**folder, "root": str(root / "mnist5k-rotated")},
         "synthetic (4,000 images, 32 px)": {
             "dataset": "synthetic",
-            "synthetic_samples": 4000,
-            "synthetic_image_size": 32,
+            "synthetic": {"samples": 4000, "image_size": 32},
         },
     }
 
@@ -72,11 +71,11 @@ def main() -> None:
     args = parser.parse_args()
     sets = data_sets(args.data_root)
     names = args.data or list(sets)
-    common = {"batch_size": 128, "num_local_crops": 2}
+    common: dict[str, Any] = {"batch_size": 128, "num_local_crops": 2}
     num_prototypes = 1024
     if args.quick:
         args.epochs, names, args.seeds = 1, ["synthetic (4,000 images, 32 px)"], [0]
-        common.update(synthetic_samples=256, synthetic_image_size=16)
+        common["synthetic"] = {"samples": 256, "image_size": 16}
         num_prototypes = 64
     lines = [
         "| data set | prototypes | k-NN (%) | unique % ε=0.025 end (min) | "

@@ -6,7 +6,7 @@
         --model '{"num_prototypes": 4096}'
 
 The training split of the embedded MNIST-5k (400 digits per class) is subsampled to
-``n_c = floor(400 * rho ** (-c / 9))`` digits of class ``c`` (``data.imbalance_ratio``;
+``n_c = floor(400 * rho ** (-c / 9))`` digits of class ``c`` (``data.imbalance.ratio``;
 rho = 10: 400, 309, 239, 185, 143, 111, 86, 66, 51, 40); the held-out split stays balanced
 (100 per class). Both configurations get the same ConvNet, crops, seeds and budget (the
 ``protogmm fit`` module, data module and trainer). Classes are grouped by training
@@ -137,10 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "dataset": "mnist5k",
         "num_local_crops": 2,
-        "imbalance_ratio": args.rho,
+        "imbalance": {"ratio": args.rho},
         # Three equal bands of log-frequency (see the module docstring).
-        "longtail_thresholds": (args.rho ** (-1 / 3), args.rho ** (-2 / 3)),
-        "longtail_thresholds_relative": True,
+        "longtail": {"thresholds": (args.rho ** (-1 / 3), args.rho ** (-2 / 3)), "relative": True},
     }
     if args.quick:
         args.epochs, args.seeds = 1, [0]

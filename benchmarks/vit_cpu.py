@@ -48,8 +48,8 @@ CPU_OVERRIDES = [
     "--data.batch_size=2",
     "--data.num_workers=0",
     "--data.num_local_crops=2",
-    "--data.knn_train_samples=20",
-    "--data.knn_test_samples=10",
+    "--data.knn.train_samples=20",
+    "--data.knn.test_samples=10",
     "--model.prototypes.gmm.init_samples=0",
 ]
 

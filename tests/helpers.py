@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from benchmarks import _common
-from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.datamodule import SSLDataModule, merge_data_settings
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.runner import build_trainer
 
@@ -55,15 +55,14 @@ TINY_DATA = {
     "dataset": "synthetic",
     "batch_size": 16,
     "num_local_crops": 2,
-    "synthetic_samples": 64,
-    "synthetic_image_size": 16,
+    "synthetic": {"samples": 64, "image_size": 16},
 }
 #: ``protogmm fit``'s arguments for :data:`TINY_MODEL` on :data:`TINY_DATA`'s images (the
 #: data module's default local crops). A later repeat of an argument overrides it.
 TINY_FIT = [
     "--data.dataset=synthetic",
-    "--data.synthetic_samples=64",
-    "--data.synthetic_image_size=16",
+    "--data.synthetic.samples=64",
+    "--data.synthetic.image_size=16",
     "--data.batch_size=16",
     "--model.num_prototypes=32",
     "--model.hidden_dim=32",
@@ -75,7 +74,8 @@ TINY_FIT = [
 
 
 def tiny_data(**overrides: object) -> SSLDataModule:
-    return SSLDataModule(**(TINY_DATA | overrides))
+    """:data:`TINY_DATA` with ``overrides`` (a group's mapping replaces only its options)."""
+    return SSLDataModule(**merge_data_settings(TINY_DATA, overrides))
 
 
 def training_batch(size: int = 8, **data: object) -> tuple[list[torch.Tensor], torch.Tensor]:

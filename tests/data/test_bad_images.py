@@ -90,7 +90,7 @@ def test_skip_substitutes_the_next_readable_image_of_the_same_class(broken_tree,
     assert skipping.skipped_indices().tolist() == [1, 2, 5, 9]
     assert skipping.skipped_paths() == [str(paths[i]) for i in (1, 2, 5, 9)]
     logged = [r.getMessage() for r in caplog.records]
-    assert len(logged) == 4 and all("data.on_bad_image=skip" in line for line in logged)
+    assert len(logged) == 4 and all("data.images.on_bad=skip" in line for line in logged)
 
 
 def test_skip_result_does_not_depend_on_the_touch_order(broken_tree) -> None:

@@ -89,9 +89,8 @@ def test_long_tailed_training_split_counts(tmp_path: Path) -> None:
     write_tree(tmp_path / "val", {"a": 2, "b": 2, "c": 2, "d": 2})
     data = folder_data(
         tmp_path,
-        imbalance_ratio=4.0,
-        longtail_thresholds=(0.5, 0.3),
-        longtail_thresholds_relative=True,
+        imbalance={"ratio": 4.0},
+        longtail={"thresholds": (0.5, 0.3), "relative": True},
     )
     # 12 * 4^(-c/3) = 12, 7.56, 4.76, 3 -> floor.
     assert data.train_class_counts() == [12, 7, 4, 3]
@@ -111,18 +110,18 @@ def test_scan_error_names_the_first_bad_file_and_the_count(tmp_path: Path) -> No
     break_file(paths[1], "zero")
     break_file(paths[4], "text")
     with pytest.raises(ValueError) as caught:
-        folder_data(tmp_path, scan_images=True)  # before any trainer exists
+        folder_data(tmp_path, images={"scan": True})  # before any trainer exists
     message = str(caught.value)
-    assert message.startswith("data.scan_images: 2 unreadable image file(s) among 6 in ")
+    assert message.startswith("data.images.scan: 2 unreadable image file(s) among 6 in ")
     assert f"first: unreadable image {paths[1]}: empty file (0 bytes)" in message
-    assert "data.on_bad_image=skip" in message and "\n" not in message
+    assert "data.images.on_bad=skip" in message and "\n" not in message
 
 
 def test_scan_with_skip_drops_the_files_before_training(tmp_path: Path) -> None:
     paths = write_tree(tmp_path / "train", {"a": 3, "b": 3})
     write_tree(tmp_path / "val", {"a": 1, "b": 1})
     break_file(paths[1], "truncated")
-    data = folder_data(tmp_path, scan_images=True, on_bad_image="skip")
+    data = folder_data(tmp_path, images={"scan": True, "on_bad": "skip"})
     data.setup("fit")
     assert data.train_class_counts() == [2, 3]
     assert data.skipped_images() == {"train": [str(paths[1])]}
@@ -158,10 +157,9 @@ def test_fit_on_a_long_tailed_folder_with_a_broken_file(tmp_path: Path) -> None:
     write_tree(root / "val", {"a": 3, "b": 3, "c": 3}, size=12)
     data = folder_data(
         root,
-        imbalance_ratio=3.0,
-        on_bad_image="skip",
-        longtail_thresholds=(0.6, 0.4),
-        longtail_thresholds_relative=True,
+        imbalance={"ratio": 3.0},
+        images={"on_bad": "skip"},
+        longtail={"thresholds": (0.6, 0.4), "relative": True},
     )
     # Break one of the 5 files class b keeps (10 * 3^(-1/2) = 5.77): files are decoded
     # lazily, so it is found at first touch.
@@ -199,14 +197,14 @@ def test_skip_at_first_touch_is_reported_by_the_fit(tmp_path: Path) -> None:
     paths = write_tree(root / "train", {"a": 8, "b": 8}, size=12)
     write_tree(root / "val", {"a": 2, "b": 2}, size=12)
     break_file(paths[3], "zero")
-    data = folder_data(root, on_bad_image="skip")
+    data = folder_data(root, images={"on_bad": "skip"})
     fit_tiny(tmp_path / "run", FOLDER_MODEL | {"prototypes": "joint"}, data)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_images"]["files"] == {"train": [str(paths[3])]}
     assert isinstance(data.labelled_split("train"), SkipBadImages)
     report = (tmp_path / "run" / "report.md").read_text()
     assert (
-        f"Unreadable image files skipped (data.on_bad_image=skip): 1 (train: 1), e.g. `{paths[3]}`"
+        f"Unreadable image files skipped (data.images.on_bad=skip): 1 (train: 1), e.g. `{paths[3]}`"
         in report
     )
     assert "longtail" not in summary  # balanced classes: no per-group analysis
@@ -221,7 +219,7 @@ def test_cli_scan_error_is_one_line(tmp_path: Path) -> None:
         "--data.dataset=folder",
         f"--data.root={tmp_path}",
         "--data.image_size=16",
-        "--data.scan_images=true",
+        "--data.images.scan=true",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
         cwd=tmp_path,
         timeout=600,
@@ -235,7 +233,7 @@ def test_cli_scan_error_is_one_line(tmp_path: Path) -> None:
 def test_a_batch_larger_than_the_data_is_a_one_line_error_not_a_run_of_no_steps(
     tmp_path: Path,
 ) -> None:
-    data = SSLDataModule(dataset="synthetic", synthetic_samples=64, batch_size=128)
+    data = SSLDataModule(dataset="synthetic", synthetic={"samples": 64}, batch_size=128)
     data.setup("fit")
     with pytest.raises(ValueError, match=r"data\.batch_size: 128 .* 64 training images"):
         data.train_dataloader()
@@ -244,7 +242,7 @@ def test_a_batch_larger_than_the_data_is_a_one_line_error_not_a_run_of_no_steps(
         "fit",
         "--data.dataset",
         "synthetic",
-        "--data.synthetic_samples",
+        "--data.synthetic.samples",
         "64",
         "--data.batch_size",
         "128",
@@ -292,7 +290,7 @@ def test_the_pixel_limit_reaches_the_folder_data_set(tmp_path: Path) -> None:
     write_tree(tmp_path / "train", {"cat": 2, "dog": 2}, size=12)
     write_tree(tmp_path / "val", {"cat": 1, "dog": 1}, size=12)
     with pytest.raises(ValueError, match="4 unreadable image file.* over the limit of 100"):
-        folder_data(tmp_path, max_image_pixels=100, scan_images=True)  # 12 x 12 > 100
-    folder_data(tmp_path, max_image_pixels=144, scan_images=True).setup("fit")
-    with pytest.raises(ValueError, match="data.max_image_pixels"):
-        folder_data(tmp_path, max_image_pixels=0)
+        folder_data(tmp_path, images={"max_pixels": 100, "scan": True})  # 12 x 12 > 100
+    folder_data(tmp_path, images={"max_pixels": 144, "scan": True}).setup("fit")
+    with pytest.raises(ValueError, match=r"data\.images\.max_pixels"):
+        folder_data(tmp_path, images={"max_pixels": 0})

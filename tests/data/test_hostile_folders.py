@@ -243,7 +243,7 @@ def test_write_text_atomically_takes_any_name(tmp_path: Path) -> None:
 
 
 def test_fit_reports_a_skipped_file_with_an_undecodable_name(tmp_path: Path) -> None:
-    """The issue's run: ``scan_images=true``, ``on_bad_image=skip``, file ``b"\\xff\\xfe.png"``."""
+    """The issue's run: ``images.scan=true``, ``images.on_bad=skip``, file ``b"\\xff\\xfe.png"``."""
     root = tmp_path / "data"
     write_tree(root / "train", {"a": 8, "b": 8}, size=12)
     write_tree(root / "val", {"a": 2, "b": 2}, size=12)
@@ -254,8 +254,7 @@ def test_fit_reports_a_skipped_file_with_an_undecodable_name(tmp_path: Path) -> 
         image_size=16,
         batch_size=8,
         num_local_crops=0,
-        scan_images=True,
-        on_bad_image="skip",
+        images={"scan": True, "on_bad": "skip"},
     )
     run_dir = tmp_path / "run"
     fit_tiny(run_dir, FOLDER_MODEL | {"prototypes": "joint"}, data)

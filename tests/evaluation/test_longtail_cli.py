@@ -16,12 +16,8 @@ from protogmm.training.datamodule import SSLDataModule
 # few = {3}.
 LONG_TAILED = {
     "dataset": "synthetic",
-    "synthetic_samples": 120,
-    "synthetic_classes": 4,
-    "synthetic_image_size": 16,
-    "synthetic_imbalance_ratio": 8.0,
-    "longtail_thresholds": (0.4, 0.2),
-    "longtail_thresholds_relative": True,
+    "synthetic": {"samples": 120, "classes": 4, "image_size": 16, "imbalance_ratio": 8.0},
+    "longtail": {"thresholds": (0.4, 0.2), "relative": True},
     "batch_size": 32,
     "num_local_crops": 0,
 }
@@ -78,7 +74,7 @@ def test_diagnose_on_balanced_data_says_why_there_are_no_groups(
 ) -> None:
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     args = ["diagnose", str(checkpoint), "--out", str(tmp_path), "--data", "synthetic"]
-    args += ["--data-arg", "synthetic_samples=64"]
+    args += ["--data-arg", "synthetic.samples=64"]
     assert main(args) == 0
     assert "every training class falls in one frequency group" in capsys.readouterr().out
 
@@ -91,8 +87,8 @@ def test_diagnose_bad_data_arg_is_one_line(
     assert main([*args, "--data-arg", "imbalance=3"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--data-arg 'imbalance=3'" in err
-    assert main([*args, "--data-arg", "imbalance_ratio=0.5"]) == 2
-    assert "data.imbalance_ratio" in capsys.readouterr().err
+    assert main([*args, "--data-arg", "imbalance.ratio=0.5"]) == 2
+    assert "data.imbalance.ratio" in capsys.readouterr().err
     missing = [
         "--data",
         "folder",

@@ -18,9 +18,9 @@ from protogmm.evaluation.features import extract_features, extract_features_shar
 DATA = [
     "--data",
     "synthetic",
-    "--data.synthetic_samples",
+    "--data.synthetic.samples",
     "64",
-    "--data.synthetic_image_size",
+    "--data.synthetic.image_size",
     "16",
 ]
 

@@ -91,8 +91,7 @@ def test_ibot_trains_on_a_timm_vit_with_local_crops(tmp_path: Path, prototypes: 
         dataset="synthetic",
         batch_size=8,
         num_local_crops=2,
-        synthetic_samples=32,
-        synthetic_image_size=32,
+        synthetic={"samples": 32, "image_size": 32},
     )
     model = PrototypicalSSL(
         host="ibot",

@@ -33,7 +33,10 @@ def test_unknown_key_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
         (["--model.prototype_init_scale", "0"], "model.prototype_init_scale"),
         (["--model.schedule_steps", "0"], "model.schedule_steps"),
         # the held-out split draws half as many: the message names the key and its value
-        (["--data.dataset", "synthetic", "--data.synthetic_samples", "10"], "got 10"),
+        (
+            ["--data.dataset", "synthetic", "--data.synthetic.samples", "10"],
+            "data.synthetic.samples must be an integer >= 20, got 10",
+        ),
     ],
 )
 def test_bad_values_are_one_line_errors_before_training(

@@ -48,7 +48,7 @@ def test_fit_with_the_ibot_config_runs(tmp_path: Path) -> None:
         str(CONFIG_DIR / "ibot_decoupled_mnist5k.yaml"),
         "--data.dataset",
         "synthetic",
-        "--data.synthetic_samples",
+        "--data.synthetic.samples",
         "32",
         "--data.batch_size",
         "16",

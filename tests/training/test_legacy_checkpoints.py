@@ -1,24 +1,36 @@
-"""Checkpoints of the flat layout (before the host and prototype-kind classes) still load.
+"""Checkpoints of the flat layouts (before the host and prototype-kind classes, and before
+the data module's option groups) still load, compare and resume.
 
 Until issue 18 every option sat directly under ``model`` (``host: ibot``,
 ``ibot_patch_weight``, ``koleo_weight``) and the host's objectives were the module's own
 (``objective.center``). Such a file is built here from today's module by undoing both, then
-read back with ``load_module``.
+read back with ``load_module``. Likewise every data option sat directly under ``data``
+(``synthetic_samples``, ``knn_train_samples``): today's checkpoint is flattened back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TINY_MODEL, TINY_VIT
+from helpers import TINY_FIT, TINY_MODEL, TINY_VIT, tiny_data
+from protogmm.cli import main
 from protogmm.hosts import CARP, IBOT
 from protogmm.prototypes import Decoupled, Joint
 from protogmm.training.checkpoints import load_module
-from protogmm.training.legacy_hparams import moved_option_hint, upgrade_model_hparams
+from protogmm.training.data_settings import DATA_GROUPS
+from protogmm.training.datamodule import datamodule_from_checkpoint
+from protogmm.training.legacy_hparams import (
+    MOVED_DATA_KEYS,
+    moved_option_hint,
+    upgrade_data_hparams,
+    upgrade_model_hparams,
+)
 from protogmm.training.module import PrototypicalSSL
+from protogmm.training.resume_check import check_resume_compatible, comparable_settings
 
 #: The tiny iBOT model in the flat layout, as a checkpoint of before the classes held it:
 #: every option, those of other hosts and kinds included (they had no effect).
@@ -104,3 +116,72 @@ def test_a_moved_option_names_its_new_place() -> None:
     )
     assert "model.host.seed (with model.host IBOT or CARP)" in moved_option_hint("host_seed")
     assert moved_option_hint("lr") is None
+
+
+# ---------------------------------------------------------------------- the data settings
+def flat_data(grouped: dict) -> dict:
+    """A data module's hyperparameters as checkpoints held them before the groups."""
+    flat = {key: value for key, value in grouped.items() if key not in DATA_GROUPS}
+    for old, (group, option) in MOVED_DATA_KEYS.items():
+        flat[old] = grouped[group][option]
+    return flat
+
+
+def test_upgrade_moves_the_flat_data_keys_into_their_groups() -> None:
+    old = {"batch_size": 8, "synthetic_samples": 64, "knn_test_samples": 10, "scan_images": True}
+    assert upgrade_data_hparams(old) == {
+        "batch_size": 8,
+        "synthetic": {"samples": 64},
+        "knn": {"test_samples": 10},
+        "images": {"scan": True},
+    }
+    today = {"batch_size": 8, "synthetic": {"samples": 64}}
+    assert upgrade_data_hparams(today) == today
+    # A group given beside a flat key of its own: the group's option wins.
+    both = {"synthetic_samples": 64, "synthetic_classes": 4, "synthetic": {"samples": 32}}
+    assert upgrade_data_hparams(both) == {"synthetic": {"classes": 4, "samples": 32}}
+    assert set(MOVED_DATA_KEYS) <= set(flat_data(dict(tiny_data().hparams)))
+
+
+def test_a_flat_data_checkpoint_loads_compares_and_resumes(
+    tmp_path: Path, tiny_run: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tiny_run("decoupled") / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(source, weights_only=True)
+    grouped = dict(checkpoint["datamodule_hyper_parameters"])
+    assert grouped["synthetic"] == {
+        "samples": 64,
+        "classes": 10,
+        "image_size": 16,
+        "imbalance_ratio": 1.0,
+    }
+    checkpoint["datamodule_hyper_parameters"] = flat_data(grouped)
+    path = tmp_path / "flat-data.ckpt"
+    torch.save(checkpoint, path)
+
+    # Loads: the same data module as from today's layout.
+    loaded = datamodule_from_checkpoint(path)
+    assert dict(loaded.hparams) == dict(datamodule_from_checkpoint(source).hparams)
+    assert loaded.synthetic.samples == 64 and loaded.knn.train_samples == 20000
+    overridden = datamodule_from_checkpoint(path, knn={"test_samples": 7})
+    assert (overridden.knn.train_samples, overridden.knn.test_samples) == (20000, 7)
+
+    # Compares: equal to today's layout, a changed option named by its grouped key.
+    model = checkpoint["hyper_parameters"]
+    assert check_resume_compatible(path, model, grouped, world_size=1) == []
+    changed = grouped | {"knn": grouped["knn"] | {"train_samples": 40}}
+    notes = check_resume_compatible(path, model, changed, world_size=1)
+    assert notes == ["data.knn.train_samples: 20000 -> 40"]
+    merged_flat, merged = model | flat_data(grouped), model | grouped  # hparams.yaml: both
+    assert comparable_settings(merged_flat) == comparable_settings(merged)
+    assert comparable_settings(merged)["synthetic.samples"] == 64
+
+    # Resumes through the command line with no note of changed settings.
+    run_dir = tmp_path / "run"
+    args = [*TINY_FIT, "--data.num_local_crops=0", "--trainer.max_epochs=2"]
+    args += [f"--trainer.default_root_dir={run_dir}", f"--ckpt_path={path}"]
+    assert main(["fit", *args]) == 0
+    assert "changed settings" not in capsys.readouterr().err
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 8
+    assert resumed["datamodule_hyper_parameters"]["synthetic"] == grouped["synthetic"]

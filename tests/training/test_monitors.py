@@ -11,23 +11,26 @@ import pytest
 
 from helpers import TINY_FIT, TINY_MODEL, fit_tiny, metric_rows, tiny_data
 from protogmm.training.callbacks import CollapseMonitor, KNNMonitor
-from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.datamodule import SSLDataModule, merge_data_settings
 
 
 def synthetic(**kwargs: object) -> SSLDataModule:
     """96 synthetic 16 px images without local crops (48 held out)."""
-    return tiny_data(**({"num_local_crops": 0, "synthetic_samples": 96} | kwargs))
+    return tiny_data(
+        **merge_data_settings({"num_local_crops": 0, "synthetic": {"samples": 96}}, kwargs)
+    )
 
 
 def test_the_knn_bank_is_a_bounded_seeded_subset() -> None:
-    full, bounded = synthetic(), synthetic(knn_train_samples=40, knn_test_samples=10)
+    full, bounded = synthetic(), synthetic(knn={"train_samples": 40, "test_samples": 10})
     full_train, full_test = full.knn_splits()
     train, test = bounded.knn_splits()
     assert (len(full_train), len(full_test)) == (96, 48)
     assert (len(train), len(test)) == (40, 10)
     assert set(train.indices.tolist()) <= set(range(96))
     assert (
-        train.indices.tolist() == synthetic(knn_train_samples=40).knn_splits()[0].indices.tolist()
+        train.indices.tolist()
+        == synthetic(knn={"train_samples": 40}).knn_splits()[0].indices.tolist()
     )
     assert len(next(iter(bounded.knn_dataloaders()[0]))[0]) == 40
     assert bounded.knn_image_bytes() == 50 * 4 * 1 * 16 * 16
@@ -76,7 +79,7 @@ def test_only_rank_zero_measures() -> None:
 
 def test_eval_batches_hold_a_bounded_number_of_input_values(tmp_path: Path) -> None:
     assert synthetic().eval_batch_size() == 512  # 16 px grayscale
-    data = synthetic(synthetic_image_size=224)
+    data = synthetic(synthetic={"image_size": 224})
     data.in_channels = 3  # as a 224-px RGB folder
     assert data.eval_batch_size() == (1 << 24) // (3 * 224 * 224) == 111
 

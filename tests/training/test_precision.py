@@ -21,7 +21,7 @@ from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteGuard
 
 #: 2 steps of 8 (the held-out half needs >= 10 images).
-DATA = {"batch_size": 8, "synthetic_samples": 20}
+DATA = {"batch_size": 8, "synthetic": {"samples": 20}}
 
 
 def bf16_autocast() -> torch.autocast:

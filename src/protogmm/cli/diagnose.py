@@ -140,7 +140,7 @@ def long_tail_text(module: PrototypicalSSL, untrained: PrototypicalSSL, data: SS
         many, few = groups.many_threshold, groups.few_threshold
         return (
             f"long tail: every training class falls in one frequency group (many > {many:g}, "
-            f"few < {few:g}; data.longtail_thresholds): no per-group analysis"
+            f"few < {few:g}; data.longtail.thresholds): no per-group analysis"
         )
     results = {
         "trained": teacher_long_tail(module, data),

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from protogmm.cli.legacy_data import PARSER_MODE, upgrade_data_argv
 from protogmm.hosts import Host
 from protogmm.prototypes.kinds import PrototypeKind
 from protogmm.specs import ConfigSpec, class_choices
@@ -78,7 +79,7 @@ class ProtoCLI(LightningCLI):
             "--knn_every_n_epochs",
             type=int,
             default=1,
-            help="the k-NN monitor's period in epochs (its bank: data.knn_train_samples)",
+            help="the k-NN monitor's period in epochs (its bank: data.knn.train_samples)",
         )
         parser.add_argument(
             "--baseline_memory_mb",
@@ -251,7 +252,11 @@ def _build_cli(args: list[str]) -> ProtoCLI | None:
                 },
                 save_config_kwargs={"overwrite": True},
                 seed_everything_default=0,
-                parser_kwargs={"default_config_files": [str(CONFIG_DIR / "default.yaml")]},
+                parser_kwargs={
+                    "default_config_files": [str(CONFIG_DIR / "default.yaml")],
+                    # YAML with the flat data keys of earlier configs moved into their groups
+                    "parser_mode": PARSER_MODE,
+                },
             )
     except SystemExit as exit_:
         if exit_.code in (0, None):  # --help / --print_config
@@ -275,7 +280,8 @@ def run_fit(args: list[str]) -> int:
         ConfigError: a bad command line or configuration (one line), before any step.
     """
     _check_config_files(args)
-    args = _class_names(args)
+    # The flat --data.* keys of before the groups (documented commands, old scripts) still run.
+    args = upgrade_data_argv(_class_names(args))
     cli = _build_cli(args)
     if cli is None:
         return 0

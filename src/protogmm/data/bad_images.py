@@ -1,7 +1,7 @@
 """Unreadable image files: the error that names them, a scan, and the skip policy.
 
 Every real image collection holds a few broken files (zero bytes, an HTML page saved as
-``.jpg``, a download cut short). Two policies, chosen by ``data.on_bad_image``:
+``.jpg``, a download cut short). Two policies, chosen by ``data.images.on_bad``:
 
 - ``"error"`` (default): the first unreadable file stops the run with a
   :class:`BadImageError` naming it; with a scan (:func:`scan_images`) before training,
@@ -183,7 +183,7 @@ class SkipBadImages(Dataset):
             except BadImageError as error:
                 first_error = first_error or error
                 self._bad[candidate] = 1
-                logger.warning("skipping %s (data.on_bad_image=skip)", error)
+                logger.warning("skipping %s (data.images.on_bad=skip)", error)
                 continue
             return image, label
         where = ""

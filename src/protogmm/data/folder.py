@@ -65,7 +65,7 @@ __all__ = [
 #: Default limit on the pixels an image file may declare (width x height), checked from the
 #: header before decoding: Pillow's own default ``Image.MAX_IMAGE_PIXELS`` (about 89.5
 #: megapixels, 268 MB as RGB), above which Pillow only warns up to twice as many. Larger
-#: files are bad images (``data.on_bad_image`` applies); pass ``max_image_pixels`` to read
+#: files are bad images (``data.images.on_bad`` applies); pass ``max_image_pixels`` to read
 #: bigger ones (beyond twice Pillow's limit, raise ``PIL.Image.MAX_IMAGE_PIXELS`` too).
 MAX_IMAGE_PIXELS = 89_478_485
 

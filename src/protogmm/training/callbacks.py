@@ -8,7 +8,7 @@ Long-tailed training data (classes in at least two of the many / medium / few gr
 measures the untrained encoder's and raw pixels' per-group accuracy at the start, and the
 run report adds per-group k-NN and linear accuracy and per-group prototype diversity
 (:mod:`protogmm.evaluation.longtail`). Every run writes ``class_counts.json`` and reports
-the image files skipped as unreadable (``data.on_bad_image=skip``).
+the image files skipped as unreadable (``data.images.on_bad=skip``).
 
 Each callback lives in its own module (:mod:`~protogmm.training.knn_monitor`,
 :mod:`~protogmm.training.collapse_monitor`, :mod:`~protogmm.training.run_report`; the

@@ -4,7 +4,7 @@ Datasets (``data.dataset``): ``mnist5k`` (split by ``test_fraction``), ``synthet
 held-out split a second draw of the same class templates), ``cifar10`` / ``cifar100`` (the
 official split) and ``folder`` (``root/train`` + ``root/val`` or ``root/test``, or one
 folder split by class); see :mod:`protogmm.training.datamodule`. Folder images are scanned
-here when ``scan_images`` is on.
+here when ``data.images.scan`` is on.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def base_splits(
     """The labelled ``"train"`` and ``"test"`` datasets of ``hp["dataset"]``.
 
     Args:
-        hp: the data module's hyperparameters.
+        hp: the data module's hyperparameters (its groups as plain mappings).
         in_channels: the resolved channels (images are converted to it).
         scan_skipped: receives, by split, the paths a scan left out (``folder`` with
-            ``scan_images`` and ``on_bad_image="skip"``).
+            ``images.scan`` and ``images.on_bad="skip"``).
     """
     if hp["dataset"] == "mnist5k":
         return {
@@ -50,15 +50,14 @@ def base_splits(
         }
     if hp["dataset"] == "synthetic":
         # The synthetic "test" split is a second draw of the same class templates.
+        synthetic = hp["synthetic"]
         return {
             split: SyntheticImages(
-                num_samples=hp["synthetic_samples"]
-                if split == "train"
-                else hp["synthetic_samples"] // 2,
-                num_classes=hp["synthetic_classes"],
-                image_size=hp["synthetic_image_size"],
+                num_samples=synthetic["samples"] if split == "train" else synthetic["samples"] // 2,
+                num_classes=synthetic["classes"],
+                image_size=synthetic["image_size"],
                 in_channels=in_channels,
-                imbalance_ratio=hp["synthetic_imbalance_ratio"],
+                imbalance_ratio=synthetic["imbalance_ratio"],
                 seed=hp["seed"],
                 sample_seed=hp["seed"] + (0 if split == "train" else 1),
             )
@@ -79,7 +78,8 @@ def folder_splits(
     held_out = next((root / n for n in _HELD_OUT_FOLDERS if (root / n).is_dir()), None)
 
     def listed(folder: Path, split: str) -> Any:
-        images = ClassFolderImages(folder, in_channels, max_image_pixels=hp["max_image_pixels"])
+        max_pixels = hp["images"]["max_pixels"]
+        images = ClassFolderImages(folder, in_channels, max_image_pixels=max_pixels)
         return scanned(images, split, hp, scan_skipped)
 
     if (root / "train").is_dir():
@@ -108,20 +108,20 @@ def scanned(
     hp: Mapping[str, Any],
     scan_skipped: dict[str, list[str]],
 ) -> Any:
-    """``dataset``, scanned first when ``scan_images`` is on (bad files: error or drop)."""
-    if not hp["scan_images"]:
+    """``dataset``, scanned first when ``images.scan`` is on (bad files: error or drop)."""
+    if not hp["images"]["scan"]:
         return dataset
     bad = scan_images(dataset)
     if not bad:
         return dataset
-    if hp["on_bad_image"] == "error":
+    if hp["images"]["on_bad"] == "error":
         raise ValueError(
-            f"data.scan_images: {len(bad)} unreadable image file(s) among {len(dataset)} "
+            f"data.images.scan: {len(bad)} unreadable image file(s) among {len(dataset)} "
             f"in {dataset.root}; first: {bad[0].reason}. Remove or replace them, or set "
-            "data.on_bad_image=skip"
+            "data.images.on_bad=skip"
         )
     logger.warning(
-        "data.scan_images: leaving out %d unreadable image file(s) in %s (first: %s)",
+        "data.images.scan: leaving out %d unreadable image file(s) in %s (first: %s)",
         len(bad),
         dataset.root,
         bad[0].reason,

@@ -12,18 +12,20 @@ Datasets (``data.dataset``):
 - ``cifar10`` / ``cifar100``: the python-version pickles under ``data.root`` (official
   train / test split).
 
-The training split can be subsampled to a long tail (``imbalance_ratio`` > 1,
+The training split can be subsampled to a long tail (``data.imbalance.ratio`` > 1,
 :func:`protogmm.data.long_tail_subset`); the held-out split stays as it is (balanced for
 the benchmarks), as in CIFAR-LT and ImageNet-LT. The k-NN monitor's memory bank is the
 (long-tailed) training split. The per-class counts of the training split are written to
 ``class_counts.json`` in the run directory (:class:`protogmm.training.callbacks.RunReport`).
 
 Unreadable image files (``folder`` only; the other datasets are arrays) follow
-``on_bad_image`` and ``scan_images``: see :mod:`protogmm.data.bad_images`. Files on disk
+``data.images.on_bad`` and ``data.images.scan``: see :mod:`protogmm.data.bad_images`. Files on disk
 (``folder``, CIFAR) are listed, and scanned when asked, as the data module is built, so
 layout errors and unreadable files stop a run before its trainer starts.
 
-The arguments are checked by :mod:`protogmm.training.data_settings`, the splits built by
+The arguments, some in small groups (``data.synthetic.*``, ``data.imbalance.*``,
+``data.images.*``, ``data.longtail.*``, ``data.knn.*``), are defined and checked by
+:mod:`protogmm.training.data_settings`, the splits built by
 :mod:`protogmm.training.data_splits` and ``class_counts.json`` assembled by
 :mod:`protogmm.training.class_counts`; the data module ties them to Lightning.
 """
@@ -31,8 +33,9 @@ The arguments are checked by :mod:`protogmm.training.data_settings`, the splits 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -44,7 +47,6 @@ from torchvision.transforms import Compose
 
 from protogmm._checks import check_choice
 from protogmm.data import (
-    MAX_IMAGE_PIXELS,
     ConvertMode,
     LabelledSubset,
     MultiCropTransform,
@@ -60,12 +62,21 @@ from protogmm.training.atomic_io import read_checkpoint
 from protogmm.training.class_counts import class_counts, class_counts_json
 from protogmm.training.data_position import resume_loader, training_loader
 from protogmm.training.data_settings import (  # noqa: F401 (DATASETS: imported from here)
+    DATA_GROUPS,
     DATASETS,
     FILE_DATASETS,
     DatasetName,
+    ImageReading,
+    Imbalance,
+    KnnBank,
+    LongTailGroups,
+    SyntheticData,
     check_data_settings,
+    group_value,
+    plain_group,
 )
 from protogmm.training.data_splits import base_splits
+from protogmm.training.legacy_hparams import upgrade_data_hparams
 
 #: The k-NN monitor keeps both eval-transformed splits in memory up to this size (float32):
 #: MNIST-5k takes 16 MB, CIFAR-10 at 32 px 737 MB; ImageNet is streamed.
@@ -92,38 +103,26 @@ class SSLDataModule(L.LightningDataModule):
         flip: random horizontal flips.
         max_train_samples: pretrain on only the first N training images (0: all); the
             k-NN memory bank keeps the whole training split. For quick runs.
-        synthetic_samples: size of the synthetic dataset.
-        synthetic_classes: classes of the synthetic dataset.
-        synthetic_image_size: image size of the synthetic dataset.
-        synthetic_imbalance_ratio: long-tail ratio rho of the synthetic dataset.
         seed: split, subsampling and shuffling seed (the data order is a function of seed
             and epoch).
         root: the folder of ``folder`` and ``cifar10`` / ``cifar100`` data.
         image_size: side of the global crops and evaluation images; default the dataset's
-            (28 MNIST-5k, ``synthetic_image_size``, 32 CIFAR); required for ``folder``.
+            (28 MNIST-5k, ``synthetic.image_size``, 32 CIFAR); required for ``folder``.
         in_channels: 1 (grayscale) or 3 (RGB); default the dataset's (1 for MNIST-5k and
             synthetic, 3 for CIFAR and folders); images are converted to it.
         test_fraction: held-out share of each class (MNIST-5k, single-folder ``folder``).
-        imbalance_ratio: rho >= 1; above 1 the training split is subsampled to
-            ``n_c = n_max * rho ** (-c / (C - 1))`` images per class (1: unchanged).
-        imbalance_n_max: the head class's count; default the largest the data allows.
-        imbalance_class_order: ``"index"`` (class 0 is the head) or ``"seeded"``.
-        on_bad_image: ``"error"`` (stop, naming the file) or ``"skip"`` (count, log, report,
-            and never shift a label).
-        scan_images: decode every image once before training (``folder``): with ``error``
-            the first bad file and the count are reported before any step; with ``skip``
-            the bad files are dropped from the index.
-        max_image_pixels: ``folder``: a file whose header declares more pixels is a bad
-            image before anything is decoded (decompression bombs); ``null``: no limit.
-        longtail_thresholds: ``(many, few)``: classes with more than ``many`` training
-            images are the head, fewer than ``few`` the tail (the run report's groups).
-        knn_train_samples: the k-NN bank (monitor, ``eval``, long-tail report): at most this
-            many training images, a seeded random subset (0: all). It bounds the monitor's
-            memory and time whatever the data set's size (DINO's full ImageNet bank is
-            1.28 M features, and its raw-pixel baseline 770 GB at 224 px).
-        knn_test_samples: at most this many held-out images are classified (0: all).
-        longtail_thresholds_relative: the thresholds are fractions of the largest class's
-            count (for small data, see :mod:`protogmm.evaluation.longtail`).
+        synthetic: the synthetic dataset (:class:`SyntheticData`: ``samples``, ``classes``,
+            ``image_size``, ``imbalance_ratio``).
+        imbalance: long-tail subsampling of the training split (:class:`Imbalance`:
+            ``ratio``, ``n_max``, ``class_order``).
+        images: unreadable and oversized image files (:class:`ImageReading`: ``on_bad``,
+            ``scan``, ``max_pixels``).
+        longtail: the run report's frequency groups (:class:`LongTailGroups`:
+            ``thresholds``, ``relative``).
+        knn: the k-NN bank (:class:`KnnBank`: ``train_samples``, ``test_samples``).
+
+    Each group may also be given as a mapping of its options (those that differ from the
+    defaults); the hyperparameters hold every group as such a plain mapping.
     """
 
     def __init__(
@@ -137,28 +136,27 @@ class SSLDataModule(L.LightningDataModule):
         local_size: int | None = None,
         flip: bool = False,
         max_train_samples: int = 0,
-        synthetic_samples: int = 512,
-        synthetic_classes: int = 10,
-        synthetic_image_size: int = 16,
-        synthetic_imbalance_ratio: float = 1.0,
         seed: int = 0,
         root: str | None = None,
         image_size: int | None = None,
         in_channels: int | None = None,
         test_fraction: float = 0.2,
-        imbalance_ratio: float = 1.0,
-        imbalance_n_max: int | None = None,
-        imbalance_class_order: Literal["index", "seeded"] = "index",
-        on_bad_image: Literal["error", "skip"] = "error",
-        scan_images: bool = False,
-        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
-        longtail_thresholds: tuple[float, float] = (100.0, 20.0),
-        longtail_thresholds_relative: bool = False,
-        knn_train_samples: int = 20000,
-        knn_test_samples: int = 5000,
+        # Frozen values, never mutated: a shared default is safe.
+        synthetic: SyntheticData = SyntheticData(),  # noqa: B008
+        imbalance: Imbalance = Imbalance(),  # noqa: B008
+        images: ImageReading = ImageReading(),  # noqa: B008
+        longtail: LongTailGroups = LongTailGroups(),  # noqa: B008
+        knn: KnnBank = KnnBank(),  # noqa: B008
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.synthetic = group_value(SyntheticData, synthetic)
+        self.imbalance = group_value(Imbalance, imbalance)
+        self.images = group_value(ImageReading, images)
+        self.longtail = group_value(LongTailGroups, longtail)
+        self.knn = group_value(KnnBank, knn)
+        self.save_hyperparameters(ignore=list(DATA_GROUPS))
+        # The groups as plain mappings: checkpoints stay readable with weights_only=True.
+        self.save_hyperparameters({name: plain_group(getattr(self, name)) for name in DATA_GROUPS})
         # Checked as passed (None where the dataset decides), then the resolved values are
         # stored, not None: Lightning merges these hparams with the model's, which get the
         # same values (linked by the CLI), and refuses keys whose values differ.
@@ -184,36 +182,46 @@ class SSLDataModule(L.LightningDataModule):
         self._knn_cache: list[TensorDataset] | None = None
         self._restored_skips: dict[str, list[str]] = {}
         self._resume_state: dict[str, Any] | None = None
-        self.long_tail: LongTailSubset | None = None
+        self.long_tail_subset: LongTailSubset | None = None
         if dataset in FILE_DATASETS:
             # List (and scan) the files now: a missing folder, mismatched classes or an
             # unreadable file is then a one-line error before the trainer is even built.
             self.labelled_split("train")
 
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> SSLDataModule:
+        """A data module from its hyperparameters in either layout: today's, or the flat one
+        of checkpoints and configs before the groups (``synthetic_samples``, ...;
+        :func:`~protogmm.training.legacy_hparams.upgrade_data_hparams`). Keys that are no
+        argument (e.g. Lightning's own) are left out."""
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        upgraded = upgrade_data_hparams(hparams)
+        return cls(**{key: value for key, value in upgraded.items() if key in accepted})
+
     # ------------------------------------------------------------------ datasets
     def labelled_split(self, split: str) -> Any:
         """The labelled ``"train"`` (long-tailed if asked) or ``"test"`` split, cached.
 
-        Untransformed (PIL images); with ``on_bad_image="skip"`` wrapped in
+        Untransformed (PIL images); with ``images.on_bad="skip"`` wrapped in
         :class:`protogmm.data.SkipBadImages`.
         """
         check_choice("split", split, ("train", "test"))
         if not self._splits:
             splits = base_splits(self.hparams, self.in_channels, self._scan_skipped)
-            hp = self.hparams
-            if hp.imbalance_ratio > 1.0 or hp.imbalance_n_max is not None:
+            hp, imbalance = self.hparams, self.imbalance
+            if imbalance.active:
                 train = splits["train"]
-                self.long_tail = long_tail_subset(
+                self.long_tail_subset = long_tail_subset(
                     train.labels,
-                    hp.imbalance_ratio,
+                    imbalance.ratio,
                     num_classes=len(train.classes),
-                    n_max=hp.imbalance_n_max,
-                    class_order=hp.imbalance_class_order,
+                    n_max=imbalance.n_max,
+                    class_order=imbalance.class_order,
                     seed=hp.seed,
                     class_names=list(train.classes),
                 )
-                splits["train"] = LabelledSubset(train, self.long_tail.indices)
-            if hp.on_bad_image == "skip" and hp.dataset == "folder":
+                splits["train"] = LabelledSubset(train, self.long_tail_subset.indices)
+            if self.images.on_bad == "skip" and hp.dataset == "folder":
                 splits = {name: SkipBadImages(ds) for name, ds in splits.items()}
             self._splits = splits
         return self._splits[split]
@@ -267,12 +275,9 @@ class SSLDataModule(L.LightningDataModule):
 
     def knn_splits(self) -> tuple[Dataset, Dataset]:
         """The k-NN bank and queries: labelled (train, held-out) splits, untransformed, each
-        at most ``knn_train_samples`` / ``knn_test_samples`` images (a seeded subset)."""
+        at most ``knn.train_samples`` / ``knn.test_samples`` images (a seeded subset)."""
         bounded = []
-        for split, limit in (
-            ("train", self.hparams.knn_train_samples),
-            ("test", self.hparams.knn_test_samples),
-        ):
+        for split, limit in (("train", self.knn.train_samples), ("test", self.knn.test_samples)):
             data = self.labelled_split(split)
             if limit and len(data) > limit:
                 order = hash_order(len(data), self.hparams.seed + 1)[:limit]
@@ -332,13 +337,10 @@ class SSLDataModule(L.LightningDataModule):
         return class_counts(self.labelled_split("train"))
 
     def frequency_groups(self) -> FrequencyGroups:
-        """The training classes split many / medium / few by ``longtail_thresholds``."""
-        many, few = self.hparams.longtail_thresholds
+        """The training classes split many / medium / few by ``longtail.thresholds``."""
+        many, few = self.longtail.thresholds
         return frequency_groups(
-            self.train_class_counts(),
-            many,
-            few,
-            relative=self.hparams.longtail_thresholds_relative,
+            self.train_class_counts(), many, few, relative=self.longtail.relative
         )
 
     def is_long_tailed(self) -> bool:
@@ -356,7 +358,7 @@ class SSLDataModule(L.LightningDataModule):
             self.labelled_split("train"),
             self.labelled_split("test"),
             groups=self.frequency_groups(),
-            long_tail=self.long_tail,
+            long_tail=self.long_tail_subset,
             pretraining_labels=getattr(self, "pretraining_labels", None),
         )
 
@@ -397,8 +399,9 @@ def datamodule_from_checkpoint(path: str | Path, **overrides: Any) -> SSLDataMod
     """The data module a ``protogmm fit`` checkpoint was trained with (weights-only read).
 
     Lightning stores the data module's arguments in the checkpoint
-    (``datamodule_hyper_parameters``); ``overrides`` replace some (e.g. ``root`` when the
-    data moved).
+    (``datamodule_hyper_parameters``), in either layout (the flat one of before the groups
+    is upgraded); ``overrides`` replace some (e.g. ``root`` when the data moved), a group's
+    mapping only the options it names (``synthetic={"samples": 64}``).
 
     Raises:
         FileNotFoundError: no such file.
@@ -408,5 +411,17 @@ def datamodule_from_checkpoint(path: str | Path, **overrides: Any) -> SSLDataMod
     stored = checkpoint.get(SSLDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
     if not stored:
         raise ValueError(f"{path}: holds no data-module arguments; pass --data NAME instead")
-    accepted = set(inspect.signature(SSLDataModule.__init__).parameters) - {"self"}
-    return SSLDataModule(**({k: v for k, v in stored.items() if k in accepted} | overrides))
+    return SSLDataModule.from_hparams(
+        merge_data_settings(upgrade_data_hparams(stored), upgrade_data_hparams(overrides))
+    )
+
+
+def merge_data_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top; a group given as a mapping on both sides is merged
+    option by option (a group's value, e.g. :class:`SyntheticData`, replaces it whole)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if key in DATA_GROUPS and isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            value = {**base[key], **value}
+        merged[key] = value
+    return merged

@@ -71,7 +71,7 @@ class KNNMonitor(L.Callback):
         if trainer.is_global_zero:
             log.warning(
                 "protogmm: k-NN baseline '%s' skipped: %d images x %d features take %.3g MB, "
-                "over the %.3g MB budget (lower data.knn_train_samples / knn_test_samples)",
+                "over the %.3g MB budget (lower data.knn.train_samples / data.knn.test_samples)",
                 name,
                 rows,
                 width,

@@ -1,14 +1,21 @@
-"""Model settings in the flat layout of checkpoints and configs before the host classes.
+"""Settings in the flat layouts of checkpoints and configs of earlier versions.
 
-Until the hosts and prototype kinds became classes, every option sat directly under
+Model: until the hosts and prototype kinds became classes, every option sat directly under
 ``model`` (``host: ibot``, ``ibot_patch_weight``, ``koleo_weight``, ``gmm``, ...). Those
 checkpoints still load, resume and compare: :func:`upgrade_model_hparams` rewrites such a
 mapping into today's layout (``host`` and ``prototypes`` as class specs, each with its own
 options), and :func:`moved_option_hint` tells a config's author where an option went.
+
+Data: until the data module's options came in groups, every one sat directly under ``data``
+(``synthetic_samples``, ``imbalance_ratio``, ``knn_train_samples``, ...).
+:func:`upgrade_data_hparams` moves them into their groups (``synthetic: {samples: ...}``);
+:data:`MOVED_DATA_KEYS` says where each went (old configs and command lines are rewritten
+with it, see :mod:`protogmm.cli.legacy_data`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +23,13 @@ from protogmm.hosts import CARP, DINO, IBOT, Host
 from protogmm.prototypes.kinds import Decoupled, Joint, Partial, PrototypeKind
 from protogmm.specs import class_path
 
-__all__ = ["LEGACY_KEYS", "moved_option_hint", "upgrade_model_hparams"]
+__all__ = [
+    "LEGACY_KEYS",
+    "MOVED_DATA_KEYS",
+    "moved_option_hint",
+    "upgrade_data_hparams",
+    "upgrade_model_hparams",
+]
 
 _DINO_KEYS = {
     "student_temperature": "student_temperature",
@@ -115,3 +128,42 @@ def moved_option_hint(key: str) -> str | None:
         f"{new} (with {new.rsplit('.', 1)[0]} {' or '.join(classes)})"
         for new, classes in places.items()
     )
+
+
+#: Old flat data key -> (its group, its option there).
+MOVED_DATA_KEYS: dict[str, tuple[str, str]] = {
+    "synthetic_samples": ("synthetic", "samples"),
+    "synthetic_classes": ("synthetic", "classes"),
+    "synthetic_image_size": ("synthetic", "image_size"),
+    "synthetic_imbalance_ratio": ("synthetic", "imbalance_ratio"),
+    "imbalance_ratio": ("imbalance", "ratio"),
+    "imbalance_n_max": ("imbalance", "n_max"),
+    "imbalance_class_order": ("imbalance", "class_order"),
+    "on_bad_image": ("images", "on_bad"),
+    "scan_images": ("images", "scan"),
+    "max_image_pixels": ("images", "max_pixels"),
+    "longtail_thresholds": ("longtail", "thresholds"),
+    "longtail_thresholds_relative": ("longtail", "relative"),
+    "knn_train_samples": ("knn", "train_samples"),
+    "knn_test_samples": ("knn", "test_samples"),
+}
+
+
+def upgrade_data_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Today's data-module settings from a mapping in either layout.
+
+    Each flat key of before the groups moves into its group's mapping (only the keys
+    present: a checkpoint older than an option leaves it to its default); a mapping in
+    today's layout comes back unchanged. Where a group is given as well, its own options
+    win over the flat ones.
+    """
+    upgraded = {key: value for key, value in hparams.items() if key not in MOVED_DATA_KEYS}
+    for old, (group, option) in MOVED_DATA_KEYS.items():
+        if old not in hparams:
+            continue
+        given = upgraded.get(group)
+        if dataclasses.is_dataclass(given) and not isinstance(given, type):
+            given = dataclasses.asdict(given)
+        moved = dict(given) if isinstance(given, Mapping) else {}
+        upgraded[group] = {option: hparams[old]} | moved
+    return upgraded

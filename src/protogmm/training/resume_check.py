@@ -8,6 +8,7 @@ returned as notes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -18,8 +19,9 @@ from protogmm.hosts import Host
 from protogmm.prototypes.kinds import PrototypeKind
 from protogmm.training.atomic_io import read_checkpoint
 from protogmm.training.data_position import is_mid_epoch, loader_position
+from protogmm.training.data_settings import DATA_GROUPS, plain_group
 from protogmm.training.distributed import CHECKPOINT_KEY
-from protogmm.training.legacy_hparams import upgrade_model_hparams
+from protogmm.training.legacy_hparams import upgrade_data_hparams, upgrade_model_hparams
 
 #: Model settings that define the checkpoint's state layout or the method itself. A resumed
 #: run must have the checkpoint's values (compared when both sides have the key). The host
@@ -48,8 +50,10 @@ STRUCTURAL_KEYS = (
 def comparable_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """Model settings of either layout (today's, or the flat one before the classes) as one
     flat mapping: ``host`` and ``prototypes`` become their class names, and each of their
-    options a key of its own (``host.patch_weight``), defaults included."""
-    settings = upgrade_model_hparams(hparams)
+    options a key of its own (``host.patch_weight``), defaults included. Data settings
+    among them (``hparams.yaml`` holds both) are made comparable too
+    (:func:`comparable_data_settings`)."""
+    settings = upgrade_model_hparams(comparable_data_settings(hparams))
     with warnings.catch_warnings():  # e.g. posterior targets without balancing: not news here
         warnings.simplefilter("ignore")
         for key, base, default in (
@@ -60,6 +64,21 @@ def comparable_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
             settings[key] = type(chosen).__name__
             for option, value in chosen.init_args().items():
                 settings[f"{key}.{option}"] = chosen.spec_value(option, value)
+    return settings
+
+
+def comparable_data_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Data-module settings of either layout (today's groups, or the flat keys before them)
+    as one flat mapping: each group's option a key of its own (``synthetic.samples``), so a
+    checkpoint of the flat layout (``synthetic_samples``) compares equal to today's."""
+    settings = upgrade_data_hparams(hparams)
+    for group in DATA_GROUPS:
+        value = settings.get(group)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = plain_group(value)
+        if isinstance(value, Mapping):
+            del settings[group]
+            settings.update({f"{group}.{option}": item for option, item in value.items()})
     return settings
 
 
@@ -118,8 +137,9 @@ def check_resume_compatible(
         for key in sorted(set(saved) & set(model_hparams))
         if key not in STRUCTURAL_KEYS and not _same(saved[key], model_hparams[key])
     ]
-    saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+    saved_data = comparable_data_settings(checkpoint.get("datamodule_hyper_parameters") or {})
     if data_hparams is not None:
+        data_hparams = comparable_data_settings(data_hparams)
         notes += [
             f"data.{key}: {saved_data[key]!r} -> {data_hparams[key]!r}"
             for key in sorted(set(saved_data) & set(data_hparams))

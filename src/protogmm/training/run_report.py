@@ -4,7 +4,7 @@
 The report gathers what the monitors measured (:mod:`protogmm.training.knn_monitor`,
 :mod:`protogmm.training.collapse_monitor`), the final prototypes' geometry, the per-group
 results on long-tailed data (:mod:`protogmm.training.longtail_eval`) and the image files
-skipped as unreadable (``data.on_bad_image=skip``).
+skipped as unreadable (``data.images.on_bad=skip``).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _skipped_summary(skipped: dict[str, list[str]], run_dir: Path) -> dict[str, 
         },
     }
     data_log.warning(
-        "%d unreadable image file(s) were skipped (data.on_bad_image=skip); listed in %s",
+        "%d unreadable image file(s) were skipped (data.images.on_bad=skip); listed in %s",
         record["count"],
         run_dir / "summary.json",
     )
@@ -295,7 +295,7 @@ def render_report(
         first = next(iter(skipped["files"].values()))[0]
         by_split = ", ".join(f"{split}: {n}" for split, n in skipped["by_split"].items())
         lines += [
-            f"Unreadable image files skipped (data.on_bad_image=skip): {skipped['count']} "
+            f"Unreadable image files skipped (data.images.on_bad=skip): {skipped['count']} "
             f"({by_split}), e.g. `{first}`; the list is in summary.json.",
             "",
         ]
