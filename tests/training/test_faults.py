@@ -283,13 +283,13 @@ def test_nan_input_with_skip_trains_nothing_on_that_step_and_counts_it(tmp_path:
 
 def nan_loss_at(model: PrototypicalSSL, step: int) -> PrototypicalSSL:
     """Makes the host loss NaN at ``step`` (inputs, embeddings and mixture stay finite)."""
-    objective_forward = model.host.objective.forward
+    host_loss = model.host.cls_loss  # DINO's loss on the student's [CLS] embeddings
 
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        loss = objective_forward(*args, **kwargs)
+    def cls_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = host_loss(*args, **kwargs)
         return loss * math.nan if model.global_step == step else loss
 
-    model.host.objective.forward = forward
+    model.host.cls_loss = cls_loss
     return model
 
 

@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protogmm._checks import check_in_range, check_positive_int
@@ -25,7 +24,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def centred_softmax(scores: Tensor, center: Tensor, temperature: float) -> Tensor:
     """``softmax((t - C) / tau)`` over the last axis, detached, in :func:`compute_dtype`."""
     dtype = compute_dtype(scores)
-    return F.softmax((scores.detach().to(dtype) - center.to(dtype)) / temperature, dim=-1)
+    # One [N, K] buffer, worked in place (the subtraction makes it; a softmax of the
+    # expression would hold three: at K = 65,536 and 512 rows, 128 MiB each).
+    logits = scores.detach().to(dtype) - center.to(dtype)
+    logits.div_(temperature)
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
 
 
 @torch.no_grad()

@@ -25,9 +25,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 __all__ = ["fixed_prototype_cross_entropy"]
 
-#: Elements of one block's ``[rows, K]`` scores (64 MiB in float32): a few such blocks are
-#: the loss's whole working memory, and a block is still many rows wide at any usual K.
-_BLOCK_ELEMENTS = 1 << 24
+#: Elements of one block's ``[rows, K]`` scores (16 MiB in float32): three such blocks are
+#: the loss's whole working memory, and a block is still 64 rows wide at K = 65,536.
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def fixed_prototype_cross_entropy(
@@ -68,19 +68,24 @@ class _FixedPrototypeCrossEntropy(torch.autograd.Function):
         scale = 1.0 / (batch * num_teacher * (num_student - 1))
         prototypes = prototypes.to(embeddings.dtype)
         targets = targets.to(embeddings.dtype)
-        every_target = targets.sum(dim=0)  # [B, K]: Q of a view no teacher view is
         block = max(1, _BLOCK_ELEMENTS // k)
         total = embeddings.new_zeros(())
         gradient = torch.empty_like(embeddings)
         for view in range(num_student):
-            # Q: the targets of every teacher view paired with this one (all but its own).
-            paired = every_target - targets[view] if view < num_teacher else every_target
+            paired_views = [t for t in range(num_teacher) if t != view]
+            if not paired_views:  # one teacher view: its own student view pairs with none
+                gradient[view * batch : (view + 1) * batch] = 0.0
+                continue
             for start in range(0, batch, block):
                 images = slice(start, min(start + block, batch))
                 rows = slice(view * batch + images.start, view * batch + images.stop)
-                summed_targets = paired[images]
+                # Q: the targets of every teacher view paired with this one (not its own).
+                summed_targets = targets[paired_views[0], images].clone()
+                for t in paired_views[1:]:
+                    summed_targets += targets[t, images]
                 scores = embeddings[rows] @ prototypes.T
                 log_probs = F.log_softmax(scores.div_(temperature), dim=-1)
+                del scores
                 total = total - torch.dot(summed_targets.flatten(), log_probs.flatten())
                 # dL/ds up to the scale: sum(Q) p - Q, in place of the log-probabilities.
                 grad_scores = log_probs.exp_().mul_(summed_targets.sum(dim=-1, keepdim=True))
