@@ -6,10 +6,42 @@ so that each brick checks shapes the same way and nothing is silently broadcast.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+Options = TypeVar("Options")
+
+
+def options_from(
+    cls: type[Options], value: Options | Mapping[str, Any] | None, key: str
+) -> Options:
+    """A dataclass of options from itself, a mapping of its options (those that differ from
+    the defaults are enough: what checkpoints and Python callers pass) or None (defaults).
+
+    Raises:
+        ValueError: one line naming ``key`` and an unknown option (listing the known ones),
+            or the dataclass's own first complaint about a value.
+    """
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"{key}: expected {cls.__name__} or a mapping of its options, got {value!r}"
+        )
+    known = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{key}: unknown option(s) {', '.join(map(repr, unknown))}; it takes {', '.join(known)}"
+        )
+    return cls(**value)
 
 
 def check_positive_int(name: str, value: int, minimum: int = 1) -> int:

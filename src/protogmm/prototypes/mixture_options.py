@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from protogmm._checks import check_choice, check_in_range, check_positive_int
+from protogmm._checks import check_choice, check_in_range, check_positive_int, options_from
 
 __all__ = ["MixtureOptions"]
 
@@ -156,22 +156,7 @@ class MixtureOptions:
         Raises:
             ValueError: one line naming an unknown option and listing the known ones.
         """
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError(
-                f"model.gmm: expected the mixture's options as a mapping, got {value!r}"
-            )
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(
-                f"model.gmm: unknown option(s) {', '.join(map(repr, unknown))}; "
-                f"OnlineGMM takes {', '.join(known)}"
-            )
-        return cls(**value)
+        return options_from(cls, value, "model.gmm")
 
     def overrides(self) -> dict[str, Any]:
         """The options that differ from the defaults (empty: all defaults)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from protogmm._checks import check_choice, check_in_range, check_positive_int
+from protogmm._checks import check_choice, check_in_range, check_positive_int, options_from
 from protogmm.data import MAX_IMAGE_PIXELS
 from protogmm.evaluation.longtail import frequency_groups
 
@@ -187,22 +187,7 @@ def group_value(cls: type[Group], value: Group | Mapping[str, Any] | None) -> Gr
         ValueError: one line naming an unknown option (listing the known ones), or the first
             bad value (from the group's own checks).
     """
-    key = cls.KEY  # type: ignore[attr-defined]
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError(
-            f"{key}: expected {cls.__name__} or a mapping of its options, got {value!r}"
-        )
-    known = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ValueError(
-            f"{key}: unknown option(s) {', '.join(map(repr, unknown))}; it takes {', '.join(known)}"
-        )
-    return cls(**value)
+    return options_from(cls, value, cls.KEY)  # type: ignore[attr-defined]
 
 
 def plain_group(value: Any) -> dict[str, Any]:
