@@ -251,6 +251,11 @@ def trained_like(num_rows: int, dim: int, seed: int) -> torch.Tensor:
     ).float()
 
 
+def random_rows(num_rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Gaussian rows: all unique at every eps of the sweep in d = 256."""
+    return torch.randn(num_rows, dim, generator=torch.Generator().manual_seed(seed))
+
+
 def dyadic_ties(num_rows: int, dim: int, seed: int) -> torch.Tensor:
     """Rows of +-1 (unit after scaling by 1/sqrt(dim), dim a power of 4) and copies with
     some signs flipped. Every distance is a multiple of 2 / dim and is computed exactly in
@@ -320,7 +325,8 @@ def test_every_product_path_gives_the_same_cover(monkeypatch, levels):
         pytest.skip(f"int8 products of {levels}-level codes are not exact on this machine")
     monkeypatch.setattr(_int8_sketch, "_int8_code_levels", lambda: levels)
     prototypes = planted_groups(1200, 64, seed=24)
-    assert uniqueness._sketch(uniqueness._unit_rows_float64(prototypes)).int8 == (levels > 0)
+    unit = uniqueness._unit_rows_float64(prototypes)
+    assert uniqueness._sketch(unit, [0.1]).int8 == (levels > 0)
     assert_matches_naive(prototypes, block_sizes=(256,))
 
 
@@ -336,36 +342,69 @@ def spiky_rows(num_rows: int, dim: int, seed: int) -> torch.Tensor:
     return rows
 
 
+def level_bounds(sketch, level) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[K, K]`` lower and upper bounds of every pair's cosine from ``level``'s codes."""
+    num_rows = sketch.codes.shape[0]
+    codes = sketch.level_codes(level, 0, num_rows)
+    products = sketch.matmul(codes, codes).to(torch.float64)
+    residual = level.copies * level.rho.double()[:, None] * level.rho.double()[None, :]
+    upper = sketch.scale * products + level.bound[None, :]
+    lower = sketch.scale * (products - 2 * residual) - level.bound[None, :]
+    return lower, upper
+
+
 @pytest.mark.parametrize("dim", [3, 48, 256])
 @pytest.mark.parametrize("levels", [0, 63, 127])
 def test_sketch_bounds_every_pair(monkeypatch, dim, levels):
-    """|cos(c_i, c_j) - scale <q_i, q_j>| <= bound_j for every pair: the screen is safe.
+    """lower <= cos(c_i, c_j) <= upper for every pair at every level: the screen is safe.
 
-    Spiky rows take the rotated sketch, the planted (isotropic) ones the unrotated one.
+    Spiky rows, planted (isotropic) and trained-like (decaying spectrum) rows; in d = 256
+    every prefix length of the rotated codes is checked, not only the chosen ones.
     """
     if levels and uniqueness._int8_code_levels() < levels:
         pytest.skip(f"int8 products of {levels}-level codes are not exact on this machine")
     monkeypatch.setattr(_int8_sketch, "_int8_code_levels", lambda: levels)
-    for prototypes in (spiky_rows(200, dim, seed=25), planted_groups(200, dim, seed=26)):
+    made = []
+    original = _int8_sketch._make_level
+    monkeypatch.setattr(
+        _int8_sketch, "_make_level", lambda *a: made.append(original(*a)) or made[-1]
+    )
+    sets = [spiky_rows(200, dim, seed=25), planted_groups(200, dim, seed=26)]
+    if dim >= 16:
+        sets.append(trained_like(200, dim, seed=27))
+    for prototypes in sets:
         unit = uniqueness._unit_rows_float64(prototypes)
         before = unit.clone()
-        sketch = uniqueness._sketch(unit)
+        made.clear()
+        sketch = uniqueness._sketch(unit, list(DEFAULT_EPS))
         assert sketch.int8 == (levels > 0 and dim >= 16)  # the patched levels were used
         assert torch.equal(unit, before)  # the rows the float64 checks use stay as they were
-        products = sketch.matmul(sketch.codes, sketch.codes).to(torch.float64)
-        error = (unit @ unit.T - sketch.scale * products).abs()
-        assert bool((error <= sketch.bound[None, :]).all())
+        assert len(made) == (13 if dim == 256 else 1)  # prefixes 64, 80, ..., 256
+        cosines = unit @ unit.T
+        for level in made:
+            lower, upper = level_bounds(sketch, level)
+            assert bool((lower <= cosines).all()) and bool((cosines <= upper).all())
+            if level.length < dim:
+                assert level.copies > 0 and level.width >= level.length + level.copies
         # The bound is useful, not vacuous (float codes for tiny d are coarser).
-        assert float(sketch.bound.max()) < (0.2 if dim >= 16 else 0.5)
+        assert float(sketch.full.bound.max()) < (0.2 if dim >= 16 else 0.5)
 
 
 @pytest.mark.parametrize("dim", [96, 256])
-def test_spiky_rows_take_the_rotated_sketch_and_match_the_naive_scan(dim):
-    """Near-axis, constant and mixed-scale rows: the sketch rotates, the cover is exact."""
-    prototypes = spiky_rows(1200, dim, seed=28)
-    unit = uniqueness._unit_rows_float64(prototypes)
-    assert float(unit.abs().max()) * math.sqrt(dim) > uniqueness._SPIKY  # rotated
-    assert_matches_naive(prototypes, block_sizes=(1024, 129))
+def test_spiky_rows_match_the_naive_scan(dim):
+    """Near-axis, constant and mixed-scale rows: one step suits them all, the cover is exact."""
+    assert_matches_naive(spiky_rows(1200, dim, seed=28), block_sizes=(1024, 129))
+
+
+@pytest.mark.parametrize("maker", ["planted_groups", "trained_like", "random_rows"])
+def test_every_prefix_length_gives_the_same_cover(monkeypatch, maker):
+    """Whatever prefix each eps screens with (64 coordinates of 256 leave many candidates,
+    all 256 none), the cover is the float64 one."""
+    prototypes = globals()[maker](1500, 256, seed=29)
+    for offset in (0, 3, 12):
+        choice = [(offset + e * 4) % 13 for e in range(len(SWEEP_AND_MORE))]
+        monkeypatch.setattr(_int8_sketch, "_choose_prefixes", lambda *a, c=choice: c[: len(a[-1])])
+        assert_matches_naive(prototypes, block_sizes=(512,))
 
 
 def test_int8_check_rejects_a_saturating_product(monkeypatch):

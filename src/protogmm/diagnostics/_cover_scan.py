@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from protogmm.diagnostics._int8_sketch import _Sketch, _sketch
-from protogmm.diagnostics._pair_check import _Block, _PairCheck
+from protogmm.diagnostics._pair_check import _Block, _LevelTable, _PairCheck
 
 # Representatives multiplied against one block at a time: bounds the code-product tile to
 # block_size x _REP_CHUNK int32 entries (8 MiB at the default block size). Larger tiles
@@ -24,6 +24,9 @@ from protogmm.diagnostics._pair_check import _Block, _PairCheck
 _REP_CHUNK = 2048
 # Columns of a tile reduced together when listing its candidate pairs (divides _REP_CHUNK).
 _CELL = 128
+# A tile's candidates are listed from its rows that have one when they are at most
+# 1 / _SPARSE_ROWS of the block, else through its cells.
+_SPARSE_ROWS = 16
 
 
 def _representative_masks(unit: Tensor, eps_values: list[float], block_size: int) -> Tensor:
@@ -36,11 +39,13 @@ def _representative_masks(unit: Tensor, eps_values: list[float], block_size: int
     representative.
 
     Every comparison starts from the integer sketch (:func:`_sketch`): one int8 matrix
-    product per tile bounds the cosine of every pair in it. Only pairs whose bound reaches
-    ``1 - eps`` (rare in a healthy set) are looked at again, and decided by
-    ``1 - <c_i, c_j> < eps`` in float64 (:class:`_PairCheck`); a pair whose bound stays
-    below cannot pass that float64 test. The decisions, hence the cover, are therefore the
-    float64 ones, whatever the sketch.
+    product per tile bounds the cosine of every pair in it, from above and below, with the
+    few coordinates its eps needs (:class:`_Level`). Only pairs whose upper bound reaches
+    ``1 - eps`` are looked at again: those whose lower bound passes it are within eps,
+    the others are decided by ``1 - <c_i, c_j> < eps`` in float64 (:class:`_PairCheck`).
+    A pair whose upper bound stays below cannot pass that float64 test, and one whose lower
+    bound passes cannot fail it. The decisions, hence the cover, are therefore the float64
+    ones, whatever the sketch.
 
     Args:
         unit: ``[K, d]`` CPU float64 tensor with unit-norm rows.
@@ -51,12 +56,16 @@ def _representative_masks(unit: Tensor, eps_values: list[float], block_size: int
         ``[len(eps_values), K]`` bool tensor; entry ``[e, i]`` is True iff row ``i`` is a
         representative at ``eps_values[e]``.
     """
-    num_rows, dim = unit.shape
+    num_rows = unit.shape[0]
     num_eps = len(eps_values)
     eps = torch.tensor(eps_values, dtype=torch.float64)
-    sketch = _sketch(unit)
+    sketch = _sketch(unit, eps_values)
+    table = _LevelTable.of(sketch)
     check = _PairCheck(unit)
-    thresholds = _product_thresholds(sketch, eps)
+    # Tiles of level e are screened at eps e with level e's codes; pairs inside a block
+    # with every coordinate, at every eps.
+    screens = _product_thresholds(sketch, table.bound, eps[:, None])
+    inside = _product_thresholds(sketch, sketch.full.bound[None, :], eps[:, None])
     is_rep = torch.zeros(num_eps, num_rows, dtype=torch.bool)
 
     # Representatives so far, kept by their level: the largest eps at which they stand.
@@ -64,23 +73,24 @@ def _representative_masks(unit: Tensor, eps_values: list[float], block_size: int
     # a large eps come first (the dict keeps this order), as their representatives cover
     # the most rows.
     levels = sorted(range(num_eps), key=lambda e: -eps_values[e])
-    buffers = {level: _RepBuffer(dim, sketch.codes.dtype) for level in levels}
+    buffers = {e: _RepBuffer(sketch.levels[e].width, sketch.codes.dtype) for e in levels}
     level_rank = torch.tensor(eps_values, dtype=torch.float64)
 
     for start in range(0, num_rows, block_size):
         stop = min(start + block_size, num_rows)
         block = _Block(
             check=check,
+            table=table,
             eps=eps,
             start=start,
-            thresholds=thresholds[:, start:stop],
+            thresholds=inside[:, start:stop],
             covered=torch.zeros(num_eps, stop - start, dtype=torch.bool),
         )
-        codes = sketch.codes[start:stop]
+        codes = {e: sketch.level_codes(sketch.levels[e], start, stop) for e in levels}
         # 1. Coverage by representatives from earlier blocks.
-        _cover_by_earlier(block, codes, sketch, buffers, is_rep)
+        _cover_by_earlier(block, codes, screens[:, start:stop], sketch, buffers, is_rep)
         # 2. Sequential resolution inside the block, in index order.
-        uncovered = _resolve_inside(block, codes, sketch)
+        uncovered = _resolve_inside(block, sketch.codes[start:stop], sketch)
         is_rep[:, start:stop] = uncovered
         # 3. File the block's new representatives (at any threshold) under their level.
         _file_representatives(buffers, level_rank, uncovered, codes, start)
@@ -88,20 +98,22 @@ def _representative_masks(unit: Tensor, eps_values: list[float], block_size: int
     return is_rep
 
 
-def _product_thresholds(sketch: _Sketch, eps: Tensor) -> Tensor:
-    """``[E, K]``: the least code product with which row j can be within ``eps[e]`` of any row.
+def _product_thresholds(sketch: _Sketch, bound: Tensor, eps: Tensor) -> Tensor:
+    """The least code product with which a row can be within ``eps`` of any row.
 
-    Products are integers, so rounding the threshold up loses nothing, and the comparisons
-    then run in the products' own dtype (no float64 copy of a tile).
+    ``bound`` and ``eps`` broadcast to ``[E, K]``. Products are integers, so rounding the
+    threshold up loses nothing, and the comparisons then run in the products' own dtype (no
+    float64 copy of a tile).
     """
     limit = float(2**24 if sketch.codes.dtype == torch.float32 else 2**31 - 1)
-    thresholds = torch.ceil((1.0 - eps[:, None] - sketch.bound[None, :]) / sketch.scale)
+    thresholds = torch.ceil((1.0 - eps - bound) / sketch.scale)
     return thresholds.clamp_(-limit, limit).to(sketch.product_dtype)
 
 
 def _cover_by_earlier(
     block: _Block,
-    codes: Tensor,
+    codes: dict[int, Tensor],
+    screens: Tensor,
     sketch: _Sketch,
     buffers: dict[int, _RepBuffer],
     is_rep: Tensor,
@@ -114,24 +126,27 @@ def _cover_by_earlier(
 
     Args:
         block: the block; its ``covered`` is updated in place.
-        codes: ``[B, d]`` the block's sketch codes.
+        codes: the block's codes at each level.
+        screens: ``[E, B]`` least products of a candidate in a tile of each level.
         sketch: the sketch of all rows.
         buffers: the earlier representatives by level, in screening order.
         is_rep: ``[E, K]`` the representatives found so far.
     """
-    found: list[tuple[Tensor, Tensor, Tensor]] = []
+    found: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for level, buffer in buffers.items():
-        level_thresholds = block.thresholds[level]
+        level_thresholds = screens[level]
         for chunk in buffer.chunks():
-            products = sketch.matmul(codes, chunk.codes)
+            products = sketch.matmul(codes[level], chunk.codes)
             # One pass over the tile: a row whose largest product stays below the
             # threshold of the level is covered by no representative of the chunk.
-            if bool((products.amax(dim=1) >= level_thresholds).any()):
-                found.append(_candidate_pairs(products, level_thresholds, chunk))
+            hit = products.amax(dim=1) >= level_thresholds
+            if bool(hit.any()):
+                local, reps, values = _candidate_pairs(products, hit, level_thresholds, chunk)
+                found.append((local, reps, values, torch.full_like(local, level)))
     if found:
-        local, reps, values = (torch.cat(parts) for parts in zip(*found, strict=True))
+        local, reps, values, level = (torch.cat(parts) for parts in zip(*found, strict=True))
         if local.numel():
-            block.cover(local, reps, values, is_rep)
+            block.cover(local, reps, values, level, is_rep)
 
 
 def _resolve_inside(block: _Block, codes: Tensor, sketch: _Sketch) -> Tensor:
@@ -153,7 +168,7 @@ def _file_representatives(
     buffers: dict[int, _RepBuffer],
     level_rank: Tensor,
     uncovered: Tensor,
-    codes: Tensor,
+    codes: dict[int, Tensor],
     start: int,
 ) -> None:
     """Step 3 of a block: file its new representatives under their level.
@@ -163,7 +178,7 @@ def _file_representatives(
         level_rank: ``[E]`` the eps of each level (a representative's level is the largest
             eps at which it stands).
         uncovered: ``[E, B]`` the block's representatives at each eps.
-        codes: ``[B, d]`` the block's sketch codes.
+        codes: the block's codes at each level.
         start: index of the block's first row.
     """
     new_local = uncovered.any(dim=0).nonzero().flatten()
@@ -174,7 +189,7 @@ def _file_representatives(
         for level, buffer in buffers.items():
             chosen = new_local[level_of == level]
             if chosen.numel():
-                buffer.append(codes[chosen], start + chosen)
+                buffer.append(codes[level][chosen], start + chosen)
 
 
 @dataclass
@@ -196,8 +211,8 @@ class _RepChunk:
 class _RepBuffer:
     """The representatives of one level, in chunks of at most ``_REP_CHUNK`` rows."""
 
-    def __init__(self, dim: int, code_dtype: torch.dtype) -> None:
-        self._dim, self._code_dtype = dim, code_dtype
+    def __init__(self, width: int, code_dtype: torch.dtype) -> None:
+        self._dim, self._code_dtype = width, code_dtype
         self._full: list[_RepChunk] = []
         self._last: _RepChunk | None = None
 
@@ -232,26 +247,34 @@ class _RepBuffer:
 
 
 def _candidate_pairs(
-    products: Tensor, thresholds: Tensor, chunk: _RepChunk
+    products: Tensor, hit: Tensor, thresholds: Tensor, chunk: _RepChunk
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The entries of a tile at their row's threshold: (row, representative, product).
 
-    In two steps, as listing the entries of a large tile directly is slow: the maxima of
-    cells of ``_CELL`` columns first, then the entries of the cells that reach it.
+    Listing the entries of a large tile directly is slow. Where few rows have one, their
+    rows are gathered; else the maxima of cells of ``_CELL`` columns are taken first, then
+    the entries of the cells that reach it.
 
     Args:
         products: ``[B, C]`` code products of a block with ``chunk`` (``C`` a multiple of
             ``_CELL``).
+        hit: ``[B]`` bool, the rows whose largest product reaches their threshold.
         thresholds: ``[B]`` the least product of a candidate, per row.
         chunk: the representatives.
     """
     size, columns = products.shape
-    cells = products.view(size, columns // _CELL, _CELL)
-    cell_row, cell = (cells.amax(dim=2) >= thresholds[:, None]).nonzero().unbind(1)
-    values = cells[cell_row, cell]
-    entry_row, offset = (values >= thresholds[cell_row][:, None]).nonzero().unbind(1)
-    row, col = cell_row[entry_row], cell[entry_row] * _CELL + offset
-    value = values[entry_row, offset]
+    rows = hit.nonzero().flatten()
+    if rows.numel() * _SPARSE_ROWS <= size:
+        values = products[rows]
+        entry_row, col = (values >= thresholds[rows, None]).nonzero().unbind(1)
+        row, value = rows[entry_row], values[entry_row, col]
+    else:
+        cells = products.view(size, columns // _CELL, _CELL)
+        cell_row, cell = (cells.amax(dim=2) >= thresholds[:, None]).nonzero().unbind(1)
+        values = cells[cell_row, cell]
+        entry_row, offset = (values >= thresholds[cell_row][:, None]).nonzero().unbind(1)
+        row, col = cell_row[entry_row], cell[entry_row] * _CELL + offset
+        value = values[entry_row, offset]
     keep = col < chunk.count  # the zero codes that pad the last chunk are no candidates
     return row[keep], chunk.rows[col[keep]], value[keep]
 

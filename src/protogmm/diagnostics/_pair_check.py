@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from protogmm.diagnostics._int8_sketch import _Sketch
+
 # Pairs checked in float64 at a time (bounds the gathered rows).
 _PAIR_CHUNK = 8192
 # The float32 copy of the rows for the pair checks is made once more than K / this many
@@ -104,49 +106,104 @@ class _PairCheck:
         cache[1].copy_(1.0 - dots)
 
 
+@dataclass(frozen=True)
+class _LevelTable:
+    """The levels' bounds by level index, for deciding candidate pairs (see ``_Level``).
+
+    Attributes:
+        scale: factor from a code product to an approximate cosine.
+        bound: ``[E, K]`` float64, level e's bound for a pair with row j.
+        rho: ``[E, K]`` float64, level e's residual code of each row.
+        copies: ``[E]`` float64, level e's residual columns.
+    """
+
+    scale: float
+    bound: Tensor
+    rho: Tensor
+    copies: Tensor
+
+    @classmethod
+    def of(cls, sketch: _Sketch) -> _LevelTable:
+        """Gather the levels of ``sketch``."""
+        return cls(
+            scale=sketch.scale,
+            bound=torch.stack([level.bound for level in sketch.levels]),
+            rho=torch.stack([level.rho.to(torch.float64) for level in sketch.levels]),
+            copies=torch.tensor([float(level.copies) for level in sketch.levels]),
+        )
+
+    def bounds(
+        self, level: Tensor, rows: Tensor, reps: Tensor, values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Upper and lower bounds on the cosine of each pair, from its code product.
+
+        Args:
+            level: ``[P]`` level of the tile each pair came from.
+            rows, reps: ``[P]`` row indices of the later row and the representative.
+            values: ``[P]`` their code product at that level.
+        """
+        values = values.to(torch.float64)
+        bound = self.bound[level, rows]
+        residual = self.copies[level] * self.rho[level, rows] * self.rho[level, reps]
+        upper = values * self.scale + bound
+        lower = (values - 2.0 * residual) * self.scale - bound
+        return upper, lower
+
+
 @dataclass
 class _Block:
     """One block of rows during the scan: its thresholds and which rows are covered.
 
     Attributes:
         check: the exact pair decisions.
+        table: the levels' bounds (for pairs with earlier representatives).
         eps: ``[E]`` float64 thresholds.
         start: index of the block's first row.
-        thresholds: ``[E, B]`` least code products for a pair with each row to be within
-            each eps (see :func:`_representative_masks`), in the products' dtype.
+        thresholds: ``[E, B]`` least code products of the full codes for a pair with each
+            row to be within each eps, in the products' dtype (pairs inside the block).
         covered: ``[E, B]`` bool, True where an earlier representative covers the row.
     """
 
     check: _PairCheck
+    table: _LevelTable
     eps: Tensor
     start: int
     thresholds: Tensor
     covered: Tensor
 
-    def cover(self, local: Tensor, reps: Tensor, values: Tensor, is_rep: Tensor) -> None:
+    def cover(
+        self, local: Tensor, reps: Tensor, values: Tensor, level: Tensor, is_rep: Tensor
+    ) -> None:
         """Mark the rows that earlier representatives cover, from the candidate pairs.
 
-        For each eps, each row is first checked against its candidate with the largest code
-        product: in a collapsed set that one almost always covers it, so only the rows it
-        misses (pairs near the threshold) need their other candidates checked.
+        For each eps, a row with a pair whose lower bound passes ``1 - eps`` is covered
+        with no float check. The others are first checked against their candidate with the
+        largest code product: in a collapsed set that one almost always covers the row, so
+        only the rows it misses (pairs near the threshold) need their other candidates.
 
         Args:
             local: ``[P]`` block-local row of each candidate pair.
             reps: ``[P]`` row index of its (earlier) representative.
             values: ``[P]`` their code product.
+            level: ``[P]`` the level of the tile the pair came from.
             is_rep: ``[E, K]`` the representatives found so far (final for the earlier
                 rows).
         """
-        # need[e, p]: pair p can decide its row at eps e (a representative there, the
-        # product at that eps's threshold).
-        need = is_rep[:, reps]
-        need &= values[None, :] >= self.thresholds[:, local]
         left = self.start + local
+        upper, lower = self.table.bounds(level, left, reps, values)
+        least = 1.0 - self.eps[:, None]
+        # need[e, p]: pair p can decide its row at eps e (a representative there, the
+        # upper bound at that eps's threshold); sure[e, p]: its lower bound passes it too.
+        need = is_rep[:, reps]
+        need &= upper[None, :] >= least
+        sure = need & (lower[None, :] > least)
         cache = self.check.new_cache(local.numel())
         span = 2 * int(values.abs().max()) + 2  # above twice any |product|: rows stay apart
         order_key = local.to(torch.long) * span - values.to(torch.long)
         for e in range(len(self.eps)):
+            self.covered[e, local[sure[e]]] = True
             pairs = need[e].nonzero().flatten()
+            pairs = pairs[~self.covered[e, local[pairs]]]
             if pairs.numel() == 0:
                 continue
             # The pair with the largest product per row first: sort by row, then product.

@@ -55,7 +55,6 @@ from protogmm._checks import check_in_range, check_matrix, check_positive_int
 # and the private names that tests and benchmarks read here are re-exported.
 from protogmm.diagnostics._cover_scan import _REP_CHUNK as _REP_CHUNK
 from protogmm.diagnostics._cover_scan import _representative_masks
-from protogmm.diagnostics._int8_sketch import _SPIKY as _SPIKY
 from protogmm.diagnostics._int8_sketch import _int8_code_levels as _int8_code_levels
 from protogmm.diagnostics._int8_sketch import _int8_matmul_is_exact as _int8_matmul_is_exact
 from protogmm.diagnostics._int8_sketch import _sketch as _sketch
