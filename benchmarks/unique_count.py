@@ -16,8 +16,8 @@ kinds of prototype sets, ``d = 256``:
 * **trained-like**: a smooth cloud with a 1/k spectrum, like a trained head's prototypes
   (nearly all unique at ε = 0.025, a few % at ε = 0.5).
 
-"before" is the algorithm as of git revision ``BASELINE_REVISION`` (float32 products of every
-row with every earlier representative, loaded from git), timed in the same process;
+"before" is the algorithm as of git revision ``BASELINE_REVISION`` (int8 products of every row
+with every earlier representative at full d, loaded from git), timed in the same process;
 "same representatives" compares the two algorithms' representatives at every ε (both are
 exact, so they must agree). Times are the minimum over the repeats (the machine may be
 shared). "int8 floor" is the time of the int8 products alone that an exact count of an
@@ -29,8 +29,9 @@ Writes the ``unique-count`` section of BENCHMARKS.md (not with ``--quick`` or
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -55,8 +56,8 @@ from ._common import (
 )
 
 SECTION = "unique-count"
-BASELINE_REVISION = "670d158"
-"""The last revision with the previous algorithm (float32 products of all pairs)."""
+BASELINE_REVISION = "6321ee8"
+"""The last revision with the previous algorithm (int8 products of all pairs at full d)."""
 
 
 def random_set(num_rows: int, dim: int, seed: int) -> Tensor:
@@ -107,24 +108,44 @@ SETS: dict[str, Callable[[int, int, int], Tensor]] = {
 
 
 def load_baseline(revision: str) -> ModuleType | None:
-    """The uniqueness module as of ``revision`` (from git), or None where git cannot say."""
+    """The uniqueness module as of ``revision`` (from git), with the private modules it
+    imports from that revision too, or None where git cannot say."""
+    folder = "src/protogmm/diagnostics"
     try:
-        source = subprocess.run(
-            ["git", "show", f"{revision}:src/protogmm/diagnostics/uniqueness.py"],
+        names = subprocess.run(
+            ["git", "ls-tree", "--name-only", f"{revision}:{folder}"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
             check=True,
-        ).stdout
+        ).stdout.split()
+        modules = [n[:-3] for n in names if n == "uniqueness.py" or n.startswith("_")]
+        modules = [m for m in modules if m != "__init__"]
+        sources = {
+            module: subprocess.run(
+                ["git", "show", f"{revision}:{folder}/{module}.py"],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            for module in modules
+        }
     except (OSError, subprocess.CalledProcessError):
         return None
-    path = Path(tempfile.mkdtemp()) / f"uniqueness_{revision}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"uniqueness_{revision}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    package = f"uniqueness_{revision}"
+    root = Path(tempfile.mkdtemp())
+    (root / package).mkdir()
+    (root / package / "__init__.py").write_text("")
+    for module, source in sources.items():
+        for other in modules:  # the revision's own modules, not today's
+            source = source.replace(f"protogmm.diagnostics.{other}", f"{package}.{other}")
+        (root / package / f"{module}.py").write_text(source)
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(f"{package}.uniqueness")
+    finally:
+        sys.path.remove(str(root))
 
 
 def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
@@ -183,6 +204,14 @@ def timed_curve(
     masks = captured[-1]
     assert curve == dict(zip(DEFAULT_EPS, masks.sum(dim=1).tolist(), strict=True))
     return best, masks
+
+
+def product_widths(prototypes: Tensor) -> str:
+    """The int8 product width each ε of the sweep screens with (of d; a set-dependent
+    choice of the sketch), e.g. ``80 / 80 / 96 / 144 / 212``."""
+    unit = uniqueness._unit_rows_float64(prototypes)
+    levels = uniqueness._sketch(unit, list(DEFAULT_EPS)).levels
+    return " / ".join(str(level.width) for level in levels)
 
 
 def int8_tile_seconds(dim: int, repeats: int) -> float | None:
@@ -259,10 +288,12 @@ def main() -> None:
                 str(num_rows),
                 str(args.dim),
                 counts,
+                product_widths(prototypes),
                 before_cell,
                 f"{after:.2f}",
                 speedup_cell,
                 same_cell,
+                f"{os.getloadavg()[0]:.1f}",
             ]
             print("| " + " | ".join(row) + " |", flush=True)
             rows.append(row)
@@ -275,11 +306,11 @@ def main() -> None:
         floors = [f"{int8_floor(k, tile_seconds):.2f} s at K = {k}" for k in args.k]
     if floors:
         floor_line = (
-            f"int8 floor, the products of every pair i < j alone (d = {args.dim}): "
-            f"{', '.join(floors)}. An exact count of an all-unique set must bound every "
-            "pair's cosine below 1 - ε, and for isotropic rows no projection, pivot or "
-            "cluster bound can spare a pair (they all sit near 90°), so this is a floor "
-            "for random sets on this machine."
+            f"int8 floor of the previous method, the products of every pair i < j at full "
+            f"d = {args.dim}: {', '.join(floors)}. An exact count of an all-unique set must "
+            "bound every pair's cosine below 1 - ε; the projection bound does so with fewer "
+            "columns (widths), down to about 0.8 d for isotropic rows at ε = 0.5, where "
+            "x·y <= x_P·y_P + |x_R||y_R| needs most of the energy in the prefix."
         )
     else:
         floor_line = "int8 products unavailable here: the float product of the codes ran."
@@ -290,10 +321,12 @@ def main() -> None:
         "K",
         "d",
         "unique at each ε",
+        "widths",
         "before s",
         "after s",
         "speed-up",
         "same representatives",
+        "load",
     ]
     waited = (
         f", each call started on idle CPUs (waiting up to {args.wait_idle:.0f} s)"
@@ -303,12 +336,15 @@ def main() -> None:
     description = (
         f"Seconds of `unique_prototype_curve(prototypes)` (ε = {eps_list}), the minimum of "
         f'{args.repeats} repeats; "before" is the algorithm of revision `{BASELINE_REVISION}` '
-        "(float32 products of every row with every earlier representative; "
+        "(int8 products of every row with every earlier representative at full d; "
         f"{args.baseline_repeats} repeat{'' if args.baseline_repeats == 1 else 's'}), in the "
         f"same process{waited}. random: Gaussian rows "
         "(all unique); planted: bases and near-copies at 0.3 ε, 0.9 ε and ε (1 ± 1e-9) for "
         "each ε; trained-like: a smooth cloud with a 1/k spectrum. Same representatives: "
-        "both algorithms' representatives compared at every ε."
+        "both algorithms' representatives compared at every ε. widths: the columns of the "
+        "int8 product each ε screens with (d = all coordinates, fewer = a prefix of "
+        "principal-direction codes and residual-norm columns). load: the 1-minute load "
+        "average after the row (2 cores)."
     )
     body = "\n".join(
         [

@@ -23,7 +23,7 @@ from protogmm.diagnostics._pair_check import _Block, _LevelTable, _PairCheck
 # spill the last-level cache, and the int8 product then runs at a third of its speed.
 _REP_CHUNK = 2048
 # Columns of a tile reduced together when listing its candidate pairs (divides _REP_CHUNK).
-_CELL = 128
+_CELL = 64
 # A tile's candidates are listed from its rows that have one when they are at most
 # 1 / _SPARSE_ROWS of the block, else through its cells.
 _SPARSE_ROWS = 16
@@ -160,7 +160,7 @@ def _resolve_inside(block: _Block, codes: Tensor, sketch: _Sketch) -> Tensor:
         near = block.near_pairs(sketch.matmul(codes, codes), uncovered)
         for e in range(len(near)):
             if near[e] is not None:
-                _resolve_block(near[e], uncovered[e])
+                _resolve_block(*near[e], uncovered[e])
     return uncovered
 
 
@@ -279,19 +279,19 @@ def _candidate_pairs(
     return row[keep], chunk.rows[col[keep]], value[keep]
 
 
-def _resolve_block(near: Tensor, uncovered: Tensor) -> None:
+def _resolve_block(near: Tensor, involved: Tensor, uncovered: Tensor) -> None:
     """Greedy scan of one block, updating ``uncovered`` in place to its representatives.
 
     Args:
         near: ``[B, B]`` bool, ``near[i, j]`` True iff ``i < j``, both rows are uncovered
             and ``1 - <c_i, c_j> < eps``.
+        involved: the increasing rows in such a pair.
         uncovered: ``[B]`` bool, True for rows no earlier block's representative covers.
     """
     # Rows with no near neighbour in the block are representatives whatever the order, so
     # only rows that have one need the (Python-level) sequential loop.
-    involved = (near.any(dim=1) | near.any(dim=0)).nonzero().flatten().tolist()
     near_np = near.numpy()
     uncovered_np = uncovered.numpy()  # shares memory with ``uncovered``
-    for i in involved:
+    for i in involved.tolist():
         if uncovered_np[i]:
             uncovered_np &= ~near_np[i]

@@ -221,7 +221,7 @@ class _Block:
                 hit = self.check.within(eps, rest, left, reps, cache)
                 self.covered[e, local[rest[hit]]] = True
 
-    def near_pairs(self, products: Tensor, uncovered: Tensor) -> list[Tensor | None]:
+    def near_pairs(self, products: Tensor, uncovered: Tensor) -> list[tuple[Tensor, Tensor] | None]:
         """For each eps, the ``[B, B]`` bool matrix of block pairs ``i < j`` within eps.
 
         Only pairs of rows both still uncovered at that eps are kept (a covered row is
@@ -233,7 +233,8 @@ class _Block:
 
         Returns:
             One entry per eps: the matrix with ``near[i, j]`` True iff ``i < j`` and
-            ``1 - <c_i, c_j> < eps`` in float64, or None when there is no such pair.
+            ``1 - <c_i, c_j> < eps`` in float64 and the increasing rows in such a pair, or
+            None when there is no such pair.
         """
         num_eps, size = uncovered.shape
         # Each row's loosest threshold among the eps at which it is still uncovered.
@@ -258,7 +259,7 @@ class _Block:
             # A collapsed block: one dense product is cheaper than gathering the pairs.
             block = self.check.unit[self.start : self.start + size]
             self.check.set_exact(cache, (block @ block.T)[later, earlier])
-        result: list[Tensor | None] = []
+        result: list[tuple[Tensor, Tensor] | None] = []
         for e in range(num_eps):
             pairs = need[e].nonzero().flatten()
             if pairs.numel():
@@ -268,7 +269,7 @@ class _Block:
                 continue
             near = torch.zeros(size, size, dtype=torch.bool)
             near[earlier[pairs], later[pairs]] = True
-            result.append(near)
+            result.append((near, torch.cat([earlier[pairs], later[pairs]]).unique()))
         return result
 
 

@@ -157,11 +157,15 @@ def _check_eps(name: str, eps: float) -> float:
 
 def _unit_rows_float64(prototypes: Tensor) -> Tensor:
     """Validate ``prototypes`` and return its rows L2-normalised, as CPU float64."""
-    check_matrix("prototypes", prototypes, min_rows=1, finite=True)
+    check_matrix("prototypes", prototypes, min_rows=1, finite=False)
     rows = prototypes.detach().to(device="cpu", dtype=torch.float64)
     # Divide by the largest entry first so that squaring cannot overflow or underflow
     # (float64 rows near 1e200 or 1e-200 would otherwise get an inf or zero norm).
     largest = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True)
+    # A NaN or Inf entry makes its row's largest entry NaN or Inf: one pass finds both,
+    # and the full check then names the row.
+    if not bool(torch.isfinite(largest).all()):
+        check_matrix("prototypes", prototypes, min_rows=1, finite=True)
     zero_rows = (largest == 0).flatten()
     if bool(zero_rows.any()):
         row = int(zero_rows.nonzero()[0, 0])
