@@ -1,10 +1,12 @@
 """The blocked greedy scan of Definition 2.1: every row against every earlier representative.
 
 Rows are visited in blocks in index order (:func:`_representative_masks`); a block meets
-the representatives of earlier blocks in tiles of one int8 product each, then resolves its
-own rows among themselves. Representatives are kept in chunks by their level, the largest
-eps at which they stand (:class:`_RepBuffer`). The sketch's products only list candidate
-pairs; the pairs are decided in float64 by :mod:`protogmm.diagnostics._pair_check`.
+the representatives of earlier blocks in tiles of one int8 product each (with the codes
+of the representatives' level, :class:`_Level`), then resolves its own rows among
+themselves (with every coordinate). Representatives are kept in chunks by their level,
+the largest eps at which they stand (:class:`_RepBuffer`). The sketch's products only
+list candidate pairs and settle the clear ones; the others are decided in float64 by
+:mod:`protogmm.diagnostics._pair_check`.
 """
 
 from __future__ import annotations

@@ -27,16 +27,18 @@ that shrink as ``eps`` grows.
 
 Cost: the scan is computed blockwise and never forms the ``K x K`` similarity matrix.
 Every row meets every earlier representative (at any eps) once, through an int8 matrix
-product of integer codes of the rows that bounds each pair's cosine (:func:`_sketch`); the
-few pairs whose bound reaches a threshold (in a healthy set almost none; about one per
-covered row in a collapsed one) are decided in float64, so the result is the float64
-cover. Memory is ``O(K d)``; time is ``O(K R d)`` int8 multiply-adds for ``R``
-representatives. ``R = K`` for a set with no collapse, the worst
-case: every pair must then be bounded, and no projection, pivot or cluster bound can
-spare a pair of isotropic rows (they all sit near 90 degrees). ``K = 65536``, ``d = 256``,
-all five default thresholds, two idle CPU cores with AVX-512 VNNI: 1.8 s for random rows;
-``K = 262144``: 27 s, of which the int8 products alone take about 21 s (BENCHMARKS.md,
-section ``unique-count``).
+product of integer codes that bounds each pair's cosine from above and below
+(:func:`_sketch`). The codes are taken in a basis led by the rows' principal directions:
+``<x, y> <= <x_P, y_P> + |x_R| |y_R|`` for the leading ``r`` coordinates ``P`` and the
+rest ``R`` (Cauchy-Schwarz), so each eps screens with a prefix of ``r`` codes and a few
+columns holding ``|x_R|``, ``r`` chosen per eps from a sample of pairs: few for a tight
+eps or a set with a decaying spectrum, about ``0.8 d`` for isotropic rows at eps = 0.5.
+The pairs whose upper bound reaches ``1 - eps`` and whose lower bound does not pass it
+are decided in float64, so the result is the float64 cover. Memory is ``O(K d)``; time
+is ``O(K R r)`` int8 multiply-adds for ``R`` representatives, plus the candidate pairs
+(about one per row and eps in a healthy set, tens in a dense cloud); no projection, pivot
+or cluster bound spares a pair of isotropic rows entirely (they all sit near 90 degrees).
+Timings: BENCHMARKS.md, section ``unique-count``.
 """
 
 from __future__ import annotations
