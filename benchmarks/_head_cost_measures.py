@@ -21,7 +21,7 @@ from torch import Tensor
 from protogmm.diagnostics import unique_prototypes
 from protogmm.models import make_teacher, update_ema_
 from protogmm.objectives import DINOLoss
-from protogmm.prototypes import LearnedPrototypes, OnlineGMM
+from protogmm.prototypes import LearnedPrototypes, MixtureOptions, OnlineGMM
 
 from ._common import PeakMemory
 
@@ -32,14 +32,18 @@ HEADS = ("joint", "decoupled")
 #: component under its expected share counts as stranded, about half of them, so up to one
 #: component per distinct best-explaining component of the batch moves per step).
 VARIANTS: dict[str, dict[str, float | int | str]] = {
+    "dense (top_k=None)": {"top_k": None},
     "top_k=8": {"top_k": 8},
     "top_k=32": {"top_k": 32},
     "top_k=128": {"top_k": 128},
     "isotropic": {"covariance": "isotropic"},
     "re-seed at every step (worst case)": {"reseed_min_share": 1.0},
 }
-#: Where the product counts of :meth:`Setting.products` meet: 1 + 3r = 5 + 2r at
-#: r = N_s / N_t = (2 + L) / 2 = 4, i.e. L = 6 local views.
+#: Whether the mixture's default update is dense (``top_k`` None) or truncated EM.
+DENSE_DEFAULT = MixtureOptions().top_k is None
+#: Where the product counts of :meth:`Setting.products` meet with the dense update:
+#: 1 + 3r = 5 + 2r at r = N_s / N_t = (2 + L) / 2 = 4, i.e. L = 6 local views (with
+#: truncated EM, 1 + 2r: the decoupled step has fewer products at every L).
 BREAK_EVEN_LOCAL_VIEWS = 6
 EPS = 0.025
 PHASE_PREFIX = "phase: "
@@ -83,12 +87,16 @@ class Setting:
         """The step's matrix products, in units of one ``N_t x d x K`` product.
 
         joint: teacher scores (1), student scores, their gradient to the embeddings and to
-        the prototype weights (3 N_s / N_t). decoupled: the E-step and the statistics, each
-        one product with ``2d`` columns (2 + 2), teacher scores (1), student scores and
-        their gradient to the embeddings (2 N_s / N_t).
+        the prototype weights (3 N_s / N_t). decoupled: teacher scores (1), student scores
+        and their gradient to the embeddings (2 N_s / N_t), and with the dense update
+        (``top_k`` None) the E-step and the statistics, each one product with ``2d``
+        columns (+4); truncated EM (the default, ``top_k = 8``) picks each row's
+        candidates from the teacher's scores and works on ``N x top_k`` only.
         """
         ratio = self.student_rows / self.teacher_rows
-        return 1 + 3 * ratio if head == "joint" else 5 + 2 * ratio
+        if head == "joint":
+            return 1 + 3 * ratio
+        return (5 if DENSE_DEFAULT else 1) + 2 * ratio
 
 
 def make_inputs(setting: Setting, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -402,6 +410,6 @@ def state_mib(setting: Setting, head: str) -> float:
     """Persistent float32 state of a head, MiB: K x d matrices (and the DINO centre)."""
     kd = setting.k * setting.dim
     # joint: student and teacher weights, the gradient, AdamW's two moments;
-    # decoupled: means, variances and the two sufficient statistics S and Q.
-    matrices = 5 if head == "joint" else 4
+    # decoupled: means, variances and the sufficient statistics S, S' and Q.
+    matrices = 5
     return (matrices * kd + 6 * setting.k) * 4 / 2**20

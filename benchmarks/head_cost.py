@@ -49,6 +49,7 @@ from ._common import (
 # from here (tests and notebooks use head_cost.Setting, head_cost.BREAK_EVEN_LOCAL_VIEWS).
 from ._head_cost_measures import (  # noqa: F401 (re-exported)
     BREAK_EVEN_LOCAL_VIEWS,
+    DENSE_DEFAULT,
     EPS,
     HEADS,
     LEARNING_RATE,
@@ -216,13 +217,18 @@ def findings(results: list[Result]) -> list[str]:
     predicted = s.products("decoupled") / s.products("joint")
     measured = t["decoupled"] / t["joint"]
     cheaper = [r.setting.k for r in sweep if r.seconds["decoupled"] < r.seconds["joint"]]
+    update = (
+        "the E-step and the statistics are one product each with 2d columns"
+        if DENSE_DEFAULT
+        else "truncated EM, the default, picks each row's candidates from the teacher's "
+        "scores and fits them on N x top_k"
+    )
     lines.append(
         f"- **Time.** With L = {s.local_views} local views the decoupled step does "
         f"{s.products('decoupled'):g} "
-        f"products of the floor's size against the joint step's {s.products('joint'):g} (the "
-        "E-step and the statistics are one product each with 2d columns; the decoupled step "
-        f"has no gradient to prototype weights): a ratio of {predicted:.2f} if products were "
-        f"all. Measured at K = {s.k}: {measured:.2f} "
+        f"products of the floor's size against the joint step's {s.products('joint'):g} "
+        f"({update}; the decoupled step has no gradient to prototype weights): a ratio of "
+        f"{predicted:.2f} if products were all. Measured at K = {s.k}: {measured:.2f} "
         + (
             f"(decoupled cheaper at K = {', '.join(map(str, cheaper))})."
             if cheaper
@@ -246,20 +252,25 @@ def findings(results: list[Result]) -> list[str]:
             f"{es.student_views} views: {es.products('joint'):g} products for joint (3 per "
             f"student view block: scores, gradient to the embeddings and to the weights) "
             f"against {es.products('decoupled'):g} for decoupled (2 per block, plus the "
-            f"fixed E-step and statistics); measured ratio "
-            f"{et['decoupled'] / et['joint']:.2f}, predicted "
-            f"{es.products('decoupled') / es.products('joint'):.2f}. By the product count "
-            f"the heads break even at L = {BREAK_EVEN_LOCAL_VIEWS} local views "
-            "(1 + 3r = 5 + 2r at r = N_s / N_t = 4) and the decoupled head is cheaper beyond."
+            f"teacher's scores{' and the E-step and statistics' if DENSE_DEFAULT else ''}); "
+            f"measured ratio {et['decoupled'] / et['joint']:.2f}, predicted "
+            f"{es.products('decoupled') / es.products('joint'):.2f}."
+            + (
+                f" By the product count the heads break even at L = {BREAK_EVEN_LOCAL_VIEWS} "
+                "local views (1 + 3r = 5 + 2r at r = N_s / N_t = 4) and the decoupled head is "
+                "cheaper beyond."
+                if DENSE_DEFAULT
+                else ""
+            )
         )
     memory_ratio = largest.memory_mib["decoupled"] / max(largest.memory_mib["joint"], 1e-9)
     lines.append(
         f"- **Memory** (K = {s.k}): decoupled/joint {memory_ratio:.2f}. Persistent state: "
         f"joint {mebibytes(state_mib(s, 'joint'))} MiB (5 K x d: student and teacher "
         "weights, gradient, 2 AdamW moments), decoupled "
-        f"{mebibytes(state_mib(s, 'decoupled'))} MiB (4 K x d: "
-        "means, variances, S, Q); the rest of each peak is the step's temporaries (N x K "
-        "scores and probabilities, and K x d copies)."
+        f"{mebibytes(state_mib(s, 'decoupled'))} MiB (5 K x d: means, variances, S, S', Q); "
+        "the rest of each peak is the step's temporaries (N x K scores and probabilities, and "
+        "K x d copies)."
     )
     return lines
 
