@@ -9,8 +9,14 @@ embedded MNIST-5k, on two data sets derived from it (``derived_datasets.py``: in
 rotated, read as class folders), and on the synthetic blob images. Per data set and seed:
 joint prototypes, decoupled with today's ``OnlineGMM`` defaults, and decoupled with the
 first round's plain annealed online EM. Reports k-NN beside the
-untrained encoder and raw pixels, and unique prototypes (Definition 2.1) at the end and their
-minimum over training, at eps = 0.025 and 0.1.
+untrained encoder and raw pixels, unique prototypes (Definition 2.1) at the end and their
+minimum over training, at eps = 0.025 and 0.1, and seconds per epoch.
+
+Truncated EM against dense (issue 20, item 1: may ``top_k = 8`` become the default?):
+
+    OMP_NUM_THREADS=1 scripts/dev python -m benchmarks.data_sets --data-root runs/data \
+        --data MNIST-5k "MNIST-5k inverted" --seeds 0 1 2 --kinds decoupled-dense decoupled-topk8 \
+        --out runs/benchmarks/data_sets_topk --reuse --section topk-default-runs
 """
 
 from __future__ import annotations
@@ -37,6 +43,39 @@ KINDS: dict[str, dict[str, Any]] = {
         "prototypes": "decoupled",
         "gmm": PLAIN_ANNEALED_EM,
     },
+    # Truncated EM against dense (issue 20, item 1), whatever the mixture's default:
+    # ``--kinds decoupled-dense decoupled-topk8`` (not run by default). topk8: each teacher
+    # row's E-step and statistics cover only its top 8 components by cosine.
+    "decoupled-dense": {"prototypes": "decoupled", "gmm": {"top_k": None}},
+    "decoupled-topk8": {"prototypes": "decoupled", "gmm": {"top_k": 8}},
+}
+#: What the section says of a kind it reports.
+NOTES = {
+    "decoupled, plain annealed EM (before issue 16)": (
+        '"Plain annealed EM": the first round\'s mixture (annealing of the whole posterior, '
+        "initial\nvariance of all embeddings, no split and merge, one k-means run of 5 "
+        "iterations on the first\nbatch, floor 1e-4, per-step mixing discount 0.98); the "
+        "idle-step re-seeding that was the\ndefault just before issue 16 no longer exists "
+        '(its demo numbers: "protogmm demo"\nsection). '
+    ),
+    "decoupled-dense": (
+        "decoupled-dense: today's mixture with `top_k = None` (the dense update, every "
+        "component).\n"
+    ),
+    "decoupled-topk8": (
+        "decoupled-topk8: today's mixture with `top_k = 8` (truncated EM: each teacher row's "
+        "E-step\nand statistics cover only its 8 components of highest cosine). "
+    ),
+}
+#: The kinds run when ``--kinds`` is not given.
+DEFAULT_KINDS = ["joint", "decoupled", "decoupled, plain annealed EM (before issue 16)"]
+#: kind -> the run folder's suffix (``<data set>-<suffix>-seed<n>``).
+RUN_SLUGS = {
+    "joint": "joint",
+    "decoupled": "decoupled",
+    "decoupled, plain annealed EM (before issue 16)": "decoupled-before16",
+    "decoupled-dense": "decoupled-dense",
+    "decoupled-topk8": "decoupled-topk8",
 }
 
 
@@ -58,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-root", type=Path, default=Path("runs/data"))
     parser.add_argument("--data", nargs="*", default=None, help="data set names (default: all)")
-    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--kinds", nargs="*", default=DEFAULT_KINDS, choices=list(KINDS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/data_sets"))
@@ -68,6 +107,7 @@ def main() -> None:
     parser.add_argument(
         "--section", default="data-sets", help="the BENCHMARKS.md block to own (another seeds set)"
     )
+    parser.add_argument("--heading", default=None, help="the section's heading line (markdown)")
     args = parser.parse_args()
     sets = data_sets(args.data_root)
     names = args.data or list(sets)
@@ -79,15 +119,14 @@ def main() -> None:
         num_prototypes = 64
     lines = [
         "| data set | prototypes | k-NN (%) | unique % ε=0.025 end (min) | "
-        "unique % ε=0.1 end (min) |",
-        "|---|---|---|---|---|",
+        "unique % ε=0.1 end (min) | s/epoch |",
+        "|---|---|---|---|---|---|",
     ]
     for name in names:
         runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.kinds}
         for seed in args.seeds:
             for kind in args.kinds:
-                slug = f"{name.split(' (')[0].replace(' ', '_')}-{kind.split(',')[0]}"
-                slug += "-before16" if "before" in kind else ""
+                slug = f"{name.split(' (')[0].replace(' ', '_')}-{RUN_SLUGS[kind]}"
                 runs[kind].append(
                     reuse_or_train(
                         args.out / f"{slug}-seed{seed}",
@@ -108,26 +147,26 @@ def main() -> None:
                     continue
                 end, low = [c[-1] for c in curves], [min(c) for c in curves]
                 cells.append(f"{mean_std(end)} ({mean_std(low)})")
+            cells.append(mean_std([r["seconds_per_epoch"] for r in results], digits=0))
             lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
         first = next(iter(runs.values()))
         for label, key in (("untrained encoder", "knn/untrained"), ("raw pixels", "knn/pixels")):
             value = mean_std([r[key] for r in first], 100)
-            lines.append(f"| {name} | {label} | {value} | | |")
+            lines.append(f"| {name} | {label} | {value} | | | |")
     table = "\n".join(lines)
     print(table)
     if args.no_write or args.quick:
         return
     title = "" if args.section == "data-sets" else f" ({', '.join(names)}, seeds {args.seeds})"
-    body = f"""## Decoupled prototypes across data sets (issue 16){title}
+    heading = args.heading or f"## Decoupled prototypes across data sets (issue 16){title}"
+    kinds_notes = "".join(NOTES[kind] for kind in args.kinds if kind in NOTES)
+    body = f"""{heading}
 
 `{command_line()}`; {machine_line()}. Seeds {args.seeds}, mean ± std where several. The
 demo's budget: DINO, ConvNet, {args.epochs} epochs at batch 128, K = 1024, 2 local crops.
-"Plain annealed EM": the first round's mixture (annealing of the whole posterior, initial
-variance of all embeddings, no split and merge, one k-means run of 5 iterations on the first
-batch, floor 1e-4, per-step mixing discount 0.98); the idle-step re-seeding that was the
-default just before issue 16 no longer exists (its demo numbers: "protogmm demo"
-section). Unique % at the end of training, and in brackets its minimum over every logged
-step.
+{kinds_notes}Unique % at the end of training, and in brackets its minimum over every logged
+step. s/epoch: a training epoch's wall time (the collapse monitor's counts every 5 steps
+included, the epoch-end k-NN not), mean over each run's epochs, then over seeds.
 
 {table}
 """

@@ -3,6 +3,7 @@ there; the derived data sets are the embedded images transformed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,28 @@ def test_data_sets_quick_trains_the_three_kinds(tmp_path: Path) -> None:
     kinds = [row[1] for row in rows]
     assert kinds[:3] == ["joint", "decoupled", "decoupled, plain annealed EM (before issue 16)"]
     assert {"untrained encoder", "raw pixels"} <= set(kinds)
+
+
+def test_data_sets_quick_trains_truncated_em_beside_dense(tmp_path: Path) -> None:
+    """``--kinds decoupled-dense decoupled-topk8`` (issue 20, item 1): two run folders, the second
+    fitted with ``top_k = 8`` (its own record of the mixture), and a seconds-per-epoch column."""
+    out = tmp_path / "runs"
+    output = run_quick(
+        "data_sets", "--out", str(out), "--kinds", "decoupled-dense", "decoupled-topk8"
+    )
+    header = next(line for line in output.splitlines() if line.startswith("| data set |"))
+    assert header.rstrip(" |").endswith("s/epoch")
+    rows = table_body(output, "| data set |")
+    assert [row[1] for row in rows[:2]] == ["decoupled-dense", "decoupled-topk8"]
+    assert all(float(row[5].split()[0]) > 0 for row in rows[:2])
+    dense, truncated = (
+        json.loads((out / f"synthetic-{slug}-seed0" / "summary.json").read_text())["gmm"]
+        for slug in ("decoupled-dense", "decoupled-topk8")
+    )
+    assert dense["top_k"] is None and truncated["top_k"] == 8
+    assert {k: v for k, v in dense.items() if k != "top_k"} == {
+        k: v for k, v in truncated.items() if k != "top_k"
+    }
 
 
 @pytest.mark.parametrize("name", ["mnist5k-inverted", "mnist5k-rotated"])
