@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import _common, head_cost
+from benchmarks import _common, _head_cost_measures, head_cost
 from helpers import benchmarks_section, run_benchmark
 
 
@@ -85,14 +85,18 @@ def test_quick_mode_prints_the_head_cost_section(tmp_path: Path) -> None:
     assert benchmarks_section("head-cost") == before
 
 
-def test_product_counts_and_break_even() -> None:
+def test_product_counts_and_break_even(monkeypatch: pytest.MonkeyPatch) -> None:
     two_views = head_cost.Setting(1024, 256, 256, 0, "cpu")
-    # joint: teacher scores + student scores, dz, dW; decoupled: E-step (2) + statistics
-    # (2) + teacher scores + student scores, dz.
+    dino = head_cost.Setting(1024, 256, 256, 8, "cpu")
+    # Truncated EM (the default): teacher scores + student scores, dz; joint: + dW.
+    assert not head_cost.DENSE_DEFAULT
+    assert (two_views.products("joint"), two_views.products("decoupled")) == (4, 3)
+    assert dino.products("decoupled") < dino.products("joint")
+    # The dense update adds the E-step (2) and the statistics (2): even at L = 6.
+    monkeypatch.setattr(_head_cost_measures, "DENSE_DEFAULT", True)
     assert (two_views.products("joint"), two_views.products("decoupled")) == (4, 7)
     even = head_cost.Setting(1024, 256, 256, head_cost.BREAK_EVEN_LOCAL_VIEWS, "cpu")
     assert even.products("joint") == even.products("decoupled")
-    dino = head_cost.Setting(1024, 256, 256, 8, "cpu")
     assert dino.products("decoupled") < dino.products("joint")
 
 

@@ -54,7 +54,7 @@ def stream(kind: str, steps: int, rows: int = 40) -> list[torch.Tensor]:
 def pair(options: dict[str, Any], top_k: int) -> tuple[OnlineGMM, OnlineGMM]:
     """A dense mixture and a truncated one, float64, same options and seed."""
     base = {"init_samples": 0, "anneal_steps": 4, "seed": 1} | options
-    dense = OnlineGMM(K, D, **base).double()
+    dense = OnlineGMM(K, D, **base, top_k=None).double()
     # Initialised on a batch of its own, then copied: a k-means cluster of two rows has its
     # mean half-way, so the initialising batch ties rows exactly (split targets by rounding).
     dense.update(torch.randn(40, D, generator=torch.Generator().manual_seed(9)).double())
@@ -141,7 +141,7 @@ def test_prototype_sets_share_the_scores_and_build_the_posterior_only_when_asked
     torch.testing.assert_close(scores, owner.gmm(h), rtol=0, atol=1e-5)
     posterior, _ = sets.fit(h)
     assert posterior.shape == (20, 32) and int((posterior > 0).sum(dim=1).max()) <= 4
-    owner.gmm = OnlineGMM(32, 8, init_samples=0)  # dense: the host scores the teacher itself
+    owner.gmm = OnlineGMM(32, 8, init_samples=0, top_k=None)  # dense: the host scores it
     sets = PrototypeSets.resolve(owner, torch.nn.ModuleDict(), torch.nn.ModuleDict(), Decoupled())
     assert sets.fit(h, posterior=False) == (None, None)
 
@@ -166,7 +166,8 @@ def test_unit_means_follow_every_change_of_the_means_and_are_never_mutated() -> 
 
 def test_top_k_is_an_option_and_at_least_two() -> None:
     assert OnlineGMM(8, 4, top_k=3).settings()["top_k"] == 3
-    assert MixtureOptions().top_k is None
+    assert MixtureOptions().top_k == 8  # the default since issue 20 (None before: dense)
+    assert OnlineGMM(8, 4, top_k=None).settings()["top_k"] is None
     with pytest.raises(ValueError, match="top_k"):
         OnlineGMM(8, 4, top_k=1)
 

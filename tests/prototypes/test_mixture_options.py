@@ -70,10 +70,10 @@ def test_the_module_takes_options_or_a_mapping_and_saves_the_overrides() -> None
     )
     for model in (by_options, by_mapping):
         saved = model.hparams.prototypes["init_args"]["gmm"]
-        assert saved == {"merge_overlap": None, "seed": 3}  # plain values
+        assert saved == {"merge_overlap": None, "seed": 3, "top_k": 8}  # plain values
         assert model.gmm.merge_overlap is None
-    # All defaults: nothing saved, as before.
-    assert PrototypicalSSL(**tiny).hparams.prototypes["init_args"] == {}
+    # All defaults: only top_k, whose default changed (a checkpoint without it was dense).
+    assert PrototypicalSSL(**tiny).hparams.prototypes["init_args"] == {"gmm": {"top_k": 8}}
 
 
 def test_fit_lists_and_validates_the_options(tmp_path: Path) -> None:

@@ -378,7 +378,7 @@ def fit_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[s
         ("--model.optimizer=lars", "model.optimizer is 'adamw' in the checkpoint but 'lars'"),
         (
             "--model.prototypes.gmm={covariance: isotropic}",
-            "model.prototypes.gmm is None in the checkpoint",
+            "model.prototypes.gmm is {'top_k': 8} in the checkpoint but {'covariance':",
         ),
     ],
 )
@@ -442,9 +442,11 @@ def test_a_changed_optimizer_layout_is_one_line_before_any_step(
     else:
         notes = check_resume_compatible(path, hparams, None, world_size=1)
         assert notes == ([] if not saved else ["model.prototypes.lr_multiplier: 3.0 -> 2.0"])
-    # Decoupled prototypes are buffers: two groups whatever the multiplier.
+    # Decoupled prototypes are buffers: two groups whatever the multiplier. (A checkpoint of
+    # the flat layout was written with the dense update, top_k's default then.)
     torch.save({"hyper_parameters": {"prototypes": "decoupled", **saved}}, path)
-    check_resume_compatible(path, hparams | {"prototypes": "decoupled"}, None, world_size=1)
+    dense = {"prototypes": "decoupled", "gmm": {"top_k": None}}
+    check_resume_compatible(path, hparams | dense, None, world_size=1)
 
 
 def test_a_checkpoint_of_the_flat_layout_resumes_into_todays_classes(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from protogmm.training.data_settings import DATA_GROUPS
 from protogmm.training.datamodule import datamodule_from_checkpoint
 from protogmm.training.legacy_hparams import (
     MOVED_DATA_KEYS,
+    checkpoint_model_hparams,
     moved_option_hint,
     upgrade_data_hparams,
     upgrade_model_hparams,
@@ -185,3 +186,30 @@ def test_a_flat_data_checkpoint_loads_compares_and_resumes(
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 8
     assert resumed["datamodule_hyper_parameters"]["synthetic"] == grouped["synthetic"]
+
+
+def test_a_mixture_saved_before_top_k_was_the_default_keeps_the_dense_update(
+    tmp_path: Path, tiny_run: Callable[[str], Path]
+) -> None:
+    """top_k's default went from None (dense) to 8: today's checkpoints save it; one saved
+    without it was dense, loads dense, and refuses to resume into a truncated run."""
+    source = tiny_run("decoupled") / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(source, weights_only=True)
+    model = checkpoint["hyper_parameters"]
+    assert model["prototypes"]["init_args"]["gmm"] == {"top_k": 8}
+    assert load_module(source).gmm.top_k == 8
+
+    before = {**model, "prototypes": {**model["prototypes"], "init_args": {}}}
+    checkpoint["hyper_parameters"] = before
+    path = tmp_path / "before.ckpt"
+    torch.save(checkpoint, path)
+    assert load_module(path).gmm.top_k is None
+    with pytest.raises(ValueError, match=r"model\.prototypes\.gmm is \{'top_k': None\} in the"):
+        check_resume_compatible(path, model, None, world_size=1)
+    dense = {**model, "prototypes": Decoupled(gmm={"top_k": None}).spec()}
+    assert check_resume_compatible(path, dense, None, world_size=1) == []
+
+    # The flat layout (before the classes) was older still: dense too.
+    flat = checkpoint_model_hparams({"gmm": {"eta": 0.9}})
+    assert flat["prototypes"]["init_args"]["gmm"] == {"eta": 0.9, "top_k": None}
+    assert checkpoint_model_hparams({"prototypes": "joint"})["prototypes"]["init_args"] == {}

@@ -63,13 +63,19 @@ def test_the_dino_softmaxes_run_in_float32_under_autocast() -> None:
     assert torch.equal(loss, DINOLoss(32)(student.float(), teacher_probs=reference_targets))
 
 
+#: The dense update: continuous in the teacher's embeddings, so bf16's rounding moves it by
+#: little. Truncated EM (the default) picks each row's components by score, and a rounding
+#: can swap a candidate: test_a_bf16_truncated_step_keeps_the_mixture_in_float32.
+DENSE = {"gmm": {"top_k": None}}
+
+
 @pytest.mark.parametrize(
     ("host", "kind", "extra"),
     [
-        ("dino", "decoupled", {}),
+        ("dino", "decoupled", DENSE),
         ("dino", "joint", {}),
-        ("carp", "decoupled", {"carp_block_size": 8}),
-        ("ibot", "decoupled", TINY_VIT),
+        ("carp", "decoupled", {"carp_block_size": 8} | DENSE),
+        ("ibot", "decoupled", TINY_VIT | DENSE),
     ],
 )
 def test_a_bf16_training_step_matches_float32(host: str, kind: str, extra: dict) -> None:
@@ -92,6 +98,20 @@ def test_a_bf16_training_step_matches_float32(host: str, kind: str, extra: dict)
             assert buffer.dtype == torch.float32, name
     if kind == "decoupled":
         torch.testing.assert_close(bf16_model.gmm.mean, model.gmm.mean, atol=0.01, rtol=0)
+
+
+def test_a_bf16_truncated_step_keeps_the_mixture_in_float32() -> None:
+    views, labels = training_batch(**DATA)
+    torch.manual_seed(0)
+    model = without_a_trainer(PrototypicalSSL.from_hparams(TINY_MODEL))
+    assert model.gmm.top_k == 8  # the default
+    model.gmm.update(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)))
+    with bf16_autocast():
+        loss = model.training_step((views, labels), 0)
+    assert loss.dtype == torch.float32 and math.isfinite(float(loss))
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point():
+            assert buffer.dtype == torch.float32 and bool(buffer.isfinite().all()), name
 
 
 def test_fit_with_bf16_mixed_keeps_the_mixture_in_float32(tmp_path) -> None:

@@ -161,11 +161,18 @@ class Decoupled(PrototypeKind):
         self.posterior_temperature = posterior_temperature
         self.target_balancing = target_balancing
 
+    def spec(self) -> dict[str, Any]:
+        spec = super().spec()
+        # The mixture's top_k always: its default changed (None -> 8), so a checkpoint
+        # without it was written with the dense update.
+        spec["init_args"]["gmm"] = self.spec_value("gmm", self.gmm)
+        return spec
+
     def spec_value(self, key: str, value: Any) -> Any:
-        # The mixture's options as checkpoints have always held them: only the overrides,
-        # plain values (None: all defaults), so weights-only loading reads them.
+        # The mixture's options as checkpoints have always held them: the overrides, plain
+        # values, so weights-only loading reads them (and top_k, see spec).
         if key == "gmm":
-            return value.overrides() or None
+            return {**value.overrides(), "top_k": value.top_k}
         return value
 
 

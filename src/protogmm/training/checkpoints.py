@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from protogmm.training.legacy_hparams import upgrade_model_hparams
+from protogmm.training.legacy_hparams import checkpoint_model_hparams
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import read_checkpoint
 
@@ -38,8 +38,9 @@ def load_module(path: str | Path, *, trained: bool = True) -> PrototypicalSSL:
             "`protogmm diagnose` reads other projects' prototype heads"
         )
     accepted = set(inspect.signature(PrototypicalSSL.__init__).parameters) - {"self"}
-    # Either layout: the flat one before the host classes is rewritten into today's.
-    saved = upgrade_model_hparams(checkpoint["hyper_parameters"])
+    # Either layout: the flat one before the host classes is rewritten into today's, with
+    # the defaults of the version that wrote it.
+    saved = checkpoint_model_hparams(checkpoint["hyper_parameters"])
     hparams = {k: v for k, v in saved.items() if k in accepted}
     # A dry run on the meta device (no memory): hyperparameters that disagree with the saved
     # weights (e.g. a K of 10**12, or a state dict without the mixture's tensors) are one

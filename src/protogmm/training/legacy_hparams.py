@@ -25,6 +25,7 @@ from protogmm.specs import class_path
 
 __all__ = [
     "LEGACY_KEYS",
+    "checkpoint_model_hparams",
     "MOVED_DATA_KEYS",
     "moved_option_hint",
     "upgrade_data_hparams",
@@ -113,6 +114,25 @@ def upgrade_model_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     for key in LEGACY_KEYS:
         flat.pop(key, None)
     return flat
+
+
+def checkpoint_model_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model hyperparameters in today's layout, with the defaults of the
+    version that wrote it: a decoupled mixture saved without ``top_k`` was written while the
+    dense update was the default, so it gets ``top_k = None`` (today's default is 8, which
+    every checkpoint since saves)."""
+    upgraded = upgrade_model_hparams(hparams)
+    spec = upgraded.get("prototypes") or "decoupled"
+    if not isinstance(PrototypeKind.build(spec, "model.prototypes"), Decoupled):
+        return upgraded
+    if isinstance(spec, str):
+        spec = {"class_path": class_path(Decoupled), "init_args": {}}
+    init_args = dict(spec.get("init_args") or {})
+    gmm = dict(init_args.get("gmm") or {})
+    if "top_k" not in gmm:
+        init_args["gmm"] = gmm | {"top_k": None}
+        upgraded["prototypes"] = {**spec, "init_args": init_args}
+    return upgraded
 
 
 def moved_option_hint(key: str) -> str | None:

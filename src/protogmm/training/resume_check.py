@@ -21,7 +21,11 @@ from protogmm.training.atomic_io import read_checkpoint
 from protogmm.training.data_position import is_mid_epoch, loader_position
 from protogmm.training.data_settings import DATA_GROUPS, plain_group
 from protogmm.training.distributed import CHECKPOINT_KEY
-from protogmm.training.legacy_hparams import upgrade_data_hparams, upgrade_model_hparams
+from protogmm.training.legacy_hparams import (
+    checkpoint_model_hparams,
+    upgrade_data_hparams,
+    upgrade_model_hparams,
+)
 
 #: Model settings that define the checkpoint's state layout or the method itself. A resumed
 #: run must have the checkpoint's values (compared when both sides have the key). The host
@@ -124,7 +128,8 @@ def check_resume_compatible(
     saved = checkpoint.get("hyper_parameters")
     if not isinstance(saved, Mapping):
         raise ValueError(f"{path}: not a protogmm training checkpoint (no hyper_parameters)")
-    saved, model_hparams = comparable_settings(saved), comparable_settings(model_hparams)
+    saved = comparable_settings(checkpoint_model_hparams(saved))
+    model_hparams = comparable_settings(model_hparams)
     for key in STRUCTURAL_KEYS:
         if key in saved and key in model_hparams and not _same(saved[key], model_hparams[key]):
             raise ValueError(
