@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,27 @@ _MIN_STD = 1e-8
 # thread: the products are too small to split, and with busy cores the thread pool's
 # synchronisation made 2-thread runs 30x slower than 1-thread ones in our measurements.
 _SINGLE_THREAD_WORK = 2**24
+
+
+@dataclass(frozen=True)
+class _ProbeTraining:
+    """How the classifier is trained (:func:`linear_probe`'s ``epochs``, ``lr``,
+    ``weight_decay``, ``batch_size`` and ``seed``), checked when made: a one-line error
+    names a bad argument."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        check_positive_int("epochs", self.epochs)
+        check_in_range("lr", self.lr, 0.0, math.inf, low_inclusive=False)
+        check_in_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_positive_int("batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
 
 def linear_probe(
@@ -90,12 +112,7 @@ def linear_probe(
     check_train_test_features(train_features, test_features)
     check_labels("train_labels", train_labels, train_features.shape[0], "train_features")
     check_labels("test_labels", test_labels, test_features.shape[0], "test_features")
-    epochs = check_positive_int("epochs", epochs)
-    lr = check_in_range("lr", lr, 0.0, math.inf, low_inclusive=False)
-    weight_decay = check_in_range("weight_decay", weight_decay, 0.0, math.inf)
-    batch_size = check_positive_int("batch_size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    training = _ProbeTraining(epochs, lr, weight_decay, batch_size, seed)
     num_classes = _check_num_classes(train_labels, test_labels, num_classes)
 
     # Training needs autograd even when the caller evaluates under no_grad or inference_mode.
@@ -106,12 +123,8 @@ def linear_probe(
             test_features,
             test_labels,
             num_classes=num_classes,
-            epochs=epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            seed=seed,
             normalize=normalize,
+            training=training,
         )
 
 
@@ -122,12 +135,8 @@ def _fit_and_score(
     test_labels: Tensor,
     *,
     num_classes: int,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    seed: int,
     normalize: bool,
+    training: _ProbeTraining,
 ) -> float:
     """Preprocess, train and score (arguments already validated)."""
     device = train_features.device
@@ -140,12 +149,10 @@ def _fit_and_score(
     train_y = train_labels.detach().to(device=device, dtype=torch.long)
     test_y = test_labels.detach().to(device=device, dtype=torch.long)
 
-    work = min(batch_size, train_x.shape[0]) * train_x.shape[1] * num_classes
+    work = min(training.batch_size, train_x.shape[0]) * train_x.shape[1] * num_classes
     single_thread = device.type == "cpu" and work <= _SINGLE_THREAD_WORK
     with _cpu_threads(1) if single_thread else contextlib.nullcontext():
-        classifier = _train(
-            train_x, train_y, num_classes, epochs, lr, weight_decay, batch_size, seed
-        )
+        classifier = _train(train_x, train_y, num_classes, training)
     with torch.no_grad():
         predictions = classifier(test_x).argmax(dim=1)
     return float((predictions == test_y).double().mean())
@@ -189,24 +196,16 @@ def _cpu_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _train(
-    x: Tensor,
-    y: Tensor,
-    num_classes: int,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    seed: int,
-) -> nn.Linear:
+def _train(x: Tensor, y: Tensor, num_classes: int, training: _ProbeTraining) -> nn.Linear:
     """Fit a zero-initialised linear layer by SGD with a cosine schedule."""
+    epochs, lr, batch_size = training.epochs, training.lr, training.batch_size
     num_samples, dim = x.shape
     classifier = nn.Linear(dim, num_classes, device=x.device, dtype=x.dtype)
     nn.init.zeros_(classifier.weight)
     nn.init.zeros_(classifier.bias)
     optimizer = torch.optim.SGD(
         [
-            {"params": [classifier.weight], "weight_decay": weight_decay},
+            {"params": [classifier.weight], "weight_decay": training.weight_decay},
             {"params": [classifier.bias], "weight_decay": 0.0},
         ],
         lr=lr,
@@ -215,7 +214,7 @@ def _train(
     )
     steps_per_epoch = math.ceil(num_samples / batch_size)
     total_steps = epochs * steps_per_epoch
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(training.seed)
     step = 0
     for _ in range(epochs):
         order = torch.randperm(num_samples, generator=generator).to(x.device)
