@@ -9,6 +9,7 @@ from protogmm.evaluation import (
     evaluate_long_tail,
     frequency_groups,
     group_accuracy,
+    knn_classify,
     knn_group_accuracy,
     linear_group_accuracy,
     linear_probe,
@@ -74,6 +75,19 @@ def test_knn_group_accuracy_on_constructed_features() -> None:
     test_y = torch.tensor([0, 1, 2, 2])
     result = knn_group_accuracy(train_x, train_y, test_x, test_y, groups, k=3)
     assert result == {"many": 1.0, "medium": 1.0, "few": 0.5, "all": 0.75}
+
+
+def test_knn_group_accuracy_passes_its_options_to_knn_classify() -> None:
+    generator = torch.Generator().manual_seed(0)
+    groups = frequency_groups([300, 60, 10])
+    train_y = torch.randint(0, 3, (90,), generator=generator)
+    train_x = torch.randn(90, 6, generator=generator) + torch.eye(3, 6)[train_y]
+    test_y = torch.randint(0, 3, (40,), generator=generator)
+    test_x = torch.randn(40, 6, generator=generator) + torch.eye(3, 6)[test_y]
+    options = {"k": 200, "temperature": 0.1, "chunk_size": 7}
+    result = knn_group_accuracy(train_x, train_y, test_x, test_y, groups, **options)
+    predictions = knn_classify(train_x, train_y, test_x, num_classes=3, **options)
+    assert result == group_accuracy(predictions, test_y, groups)
 
 
 def test_linear_group_accuracy_is_one_classifier_split_by_group() -> None:

@@ -179,21 +179,19 @@ def knn_group_accuracy(
     test_features: Tensor,
     test_labels: Tensor,
     groups: FrequencyGroups,
-    k: int = 20,
-    temperature: float = 0.07,
+    **knn_options: Any,
 ) -> dict[str, float | None]:
     """Per-group accuracy of the weighted k-NN (:func:`protogmm.evaluation.knn_classify`).
 
     The vote runs over all classes (one classifier); only the scoring is split by group.
+
+    Args:
+        knn_options: passed to ``knn_classify`` (``k``, ``temperature``, ``chunk_size``;
+            its defaults are DINO's protocol, ``k=20, temperature=0.07``).
     """
     _check_class_labels("train_labels", train_labels, groups.num_classes)
     predictions = knn_classify(
-        train_features,
-        train_labels,
-        test_features,
-        k=k,
-        temperature=temperature,
-        num_classes=groups.num_classes,
+        train_features, train_labels, test_features, num_classes=groups.num_classes, **knn_options
     )
     return group_accuracy(predictions, test_labels, groups)
 
