@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             ablation_text = "(not run)"
         else:
             ablation_text = "(ablations still running when this was written)"
+        which_ablations = f"ablations: seeds {args.ablation_seeds}" if ablations else "no ablations"
         return "\n\n".join(
             [
                 "## Decoupling at small scale (joint vs decoupled DINO, MNIST-5k, "
@@ -230,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"Command: `{command_line()}`  \nMachine: {machine_line()}  \n"
                 f"Budget: {args.epochs} epochs, batch {args.batch_size}, 2 global + 2 local "
                 f"crops, ConvNet, K = {args.num_prototypes} unless stated, d = 128; "
-                f"seeds {seeds} of {args.seeds} "
-                f"(ablations: seeds {args.ablation_seeds}). "
+                f"seeds {seeds} of {args.seeds} ({which_ablations}). "
                 "Mean ± std over seeds. Entropies in nats "
                 f"(log K = {math.log(args.num_prototypes):.2f}): per-sample and "
                 "batch-mean entropy of the teacher targets at the last step; 'used' = distinct "
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             histories = {label: results[(label, seeds[0])]["rows"] for label in MAIN}
             args.plot.parent.mkdir(parents=True, exist_ok=True)
             plot_collapse_over_training(histories, EPS, args.plot)
-        publish(section(main_rows, seeds, [], not args.ablation_seeds))
+        publish(section(main_rows, seeds, [], not (args.ablation_seeds and ablations)))
     ablation_rows: list[list[str]] = []
     if args.ablation_seeds:
         for label, overrides in ablations.items():
