@@ -88,6 +88,8 @@ def test_knn_group_accuracy_passes_its_options_to_knn_classify() -> None:
     result = knn_group_accuracy(train_x, train_y, test_x, test_y, groups, **options)
     predictions = knn_classify(train_x, train_y, test_x, num_classes=3, **options)
     assert result == group_accuracy(predictions, test_y, groups)
+    # The options matter here: with the defaults the vote gives another result.
+    assert result != knn_group_accuracy(train_x, train_y, test_x, test_y, groups)
 
 
 def test_linear_group_accuracy_is_one_classifier_split_by_group() -> None:
