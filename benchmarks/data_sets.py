@@ -48,6 +48,12 @@ KINDS: dict[str, dict[str, Any]] = {
     # row's E-step and statistics cover only its top 8 components by cosine.
     "decoupled-dense": {"prototypes": "decoupled", "gmm": {"top_k": None}},
     "decoupled-topk8": {"prototypes": "decoupled", "gmm": {"top_k": 8}},
+    # Split and merge off (issue 16's default on): on MNIST-5k it is what merges the means
+    # (BENCHMARKS "Decoupling at small scale"); this kind checks that on other data.
+    "decoupled-no-split-merge": {
+        "prototypes": "decoupled",
+        "gmm": {"merge_overlap": None, "reseed_min_share": None},
+    },
 }
 #: What the section says of a kind it reports.
 NOTES = {
@@ -66,6 +72,10 @@ NOTES = {
         "decoupled-topk8: today's mixture with `top_k = 8` (truncated EM: each teacher row's "
         "E-step\nand statistics cover only its 8 components of highest cosine). "
     ),
+    "decoupled-no-split-merge": (
+        "decoupled-no-split-merge: today's mixture without split and merge "
+        "(`merge_overlap = None`,\n`reseed_min_share = None`). "
+    ),
 }
 #: The kinds run when ``--kinds`` is not given.
 DEFAULT_KINDS = ["joint", "decoupled", "decoupled, plain annealed EM (before issue 16)"]
@@ -76,6 +86,7 @@ RUN_SLUGS = {
     "decoupled, plain annealed EM (before issue 16)": "decoupled-before16",
     "decoupled-dense": "decoupled-dense",
     "decoupled-topk8": "decoupled-topk8",
+    "decoupled-no-split-merge": "decoupled-no-split-merge",
 }
 
 
