@@ -232,8 +232,9 @@ def reusable_run(
     lists), so a run folder left by another configuration under the same name is retrained
     rather than silently reported. A decoupled run must also have been fitted with the
     mixture settings that :class:`~protogmm.prototypes.OnlineGMM` resolves today for
-    ``model["gmm"]``, defaults included (the run's own record, ``summary["gmm"]``), so a
-    run made before a default changed is retrained too; so is a decoupled run from before
+    ``model["gmm"]``, defaults included (the run's own record, ``summary["gmm"]``; an option
+    added since counts at its default), so a run made before a default changed is retrained
+    too; so is a decoupled run from before
     that record existed (its mixture predates today's defaults). ``anneal_steps`` (derived
     from the budget) is not compared.
     """
@@ -254,10 +255,12 @@ def reusable_run(
             return None
     if summary.get("prototypes") == "decoupled":
         made_with = summary.get("gmm")
+        if made_with is None:
+            return None
+        # An option added since the run has the default that reproduces the former behaviour.
+        made_with = {**gmm_settings(None), **made_with}
         overrides = wanted_model.get("prototypes.gmm")
-        if made_with is None or _without_anneal_steps(made_with) != _without_anneal_steps(
-            gmm_settings(overrides)
-        ):
+        if _without_anneal_steps(made_with) != _without_anneal_steps(gmm_settings(overrides)):
             return None
     return summary
 

@@ -159,3 +159,17 @@ def test_reusable_run_reads_a_run_recorded_with_the_classes(tmp_path: Path) -> N
     assert common.reusable_run(run, epochs=5, model={"prototypes": "joint"}, data={}) is None
     other_host = {**model, "host": "carp"}
     assert common.reusable_run(run, epochs=5, model=other_host, data={}) is None
+
+
+def test_reusable_run_reads_an_option_added_since_the_run_at_its_default(tmp_path: Path) -> None:
+    # A run recorded before an option existed (here ``center_momentum``) was made with the
+    # behaviour of its default; a run asking for another value is still retrained.
+    recorded = OnlineGMM(4, 3, anneal_steps=155).settings()
+    del recorded["center_momentum"]
+    summary = {"epochs": 5, "prototypes": "decoupled", "gmm": recorded}
+    run = decoupled_run(tmp_path, summary, gmm="null")
+    model = {"prototypes": "decoupled"}
+    assert common.reusable_run(run, epochs=5, model=model, data={}) is not None
+    centred = {"prototypes": "decoupled", "gmm": {"center_momentum": 0.9}}
+    (run / "hparams.yaml").write_text("prototypes: decoupled\ngmm:\n  center_momentum: 0.9\n")
+    assert common.reusable_run(run, epochs=5, model=centred, data={}) is None
