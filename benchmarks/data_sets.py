@@ -54,8 +54,6 @@ KINDS: dict[str, dict[str, Any]] = {
         "prototypes": "decoupled",
         "gmm": {"merge_overlap": None, "reseed_min_share": None},
     },
-    # Freed components re-seeded in farthest-point order (OnlineGMM.reseed_targets).
-    "decoupled-farthest-reseed": {"prototypes": "decoupled", "gmm": {"reseed_targets": "farthest"}},
 }
 #: What the section says of a kind it reports.
 NOTES = {
@@ -78,10 +76,6 @@ NOTES = {
         "decoupled-no-split-merge: today's mixture without split and merge "
         "(`merge_overlap = None`,\n`reseed_min_share = None`). "
     ),
-    "decoupled-farthest-reseed": (
-        "decoupled-farthest-reseed: today's mixture with `reseed_targets = 'farthest'` (freed "
-        "components\nre-seeded in farthest-point order by cosine). "
-    ),
 }
 #: The kinds run when ``--kinds`` is not given.
 DEFAULT_KINDS = ["joint", "decoupled", "decoupled, plain annealed EM (before issue 16)"]
@@ -93,7 +87,6 @@ RUN_SLUGS = {
     "decoupled-dense": "decoupled-dense",
     "decoupled-topk8": "decoupled-topk8",
     "decoupled-no-split-merge": "decoupled-no-split-merge",
-    "decoupled-farthest-reseed": "decoupled-farthest-reseed",
 }
 
 

@@ -69,12 +69,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         "prototypes": "decoupled",
         "gmm": {"merge_overlap": None, "reseed_min_share": None},
     },
-    # Where a freed component goes: farthest-point order by cosine instead of the batch's
-    # worst-explained rows (OnlineGMM.reseed_targets).
-    "re-seed at the farthest rows": {
-        "prototypes": "decoupled",
-        "gmm": {"reseed_targets": "farthest"},
-    },
+    # Merging kept, stranded components left where they are.
     "no re-seeding of stranded components": {
         "prototypes": "decoupled",
         "gmm": {"reseed_min_share": None},

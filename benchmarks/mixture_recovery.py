@@ -44,7 +44,6 @@ ROWS: dict[str, dict[str, Any]] = {
     "no merging (merge_overlap = None)": {"merge_overlap": None},
     "no re-seeding of stranded components (reseed_min_share = None)": {"reseed_min_share": None},
     "neither merging nor re-seeding": {"merge_overlap": None, "reseed_min_share": None},
-    "re-seed at the farthest rows (reseed_targets = 'farthest')": {"reseed_targets": "farthest"},
     "one k-means run at init (init_restarts = 1)": {"init_restarts": 1},
     "initial variance of all embeddings (init_variance = 'global')": {"init_variance": "global"},
     "global initial variance, whole posterior annealed": {

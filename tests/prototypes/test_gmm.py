@@ -719,60 +719,6 @@ def test_two_views_of_one_image_never_seed_two_means() -> None:
     assert 16 <= seeded[0]
 
 
-def farthest_point_reference(
-    h: torch.Tensor, means: torch.Tensor, parents: list[int], busy: set[int], count: int
-) -> list[int]:
-    """Farthest-point picks by brute force in float64: each pick the row (of a parent not yet
-    used) whose best cosine to the kept means and to the rows picked so far is lowest."""
-    h64, unit = h.double(), F.normalize(means.double(), dim=1)
-    busy, picks = set(busy), []
-    while len(picks) < count:
-        best_row, best_cover = None, math.inf
-        for i in range(h64.shape[0]):
-            if parents[i] in busy:
-                continue
-            cover = max([float(h64[i] @ u) for u in unit] + [float(h64[i] @ h64[j]) for j in picks])
-            if cover < best_cover:
-                best_row, best_cover = i, cover
-        if best_row is None:
-            break
-        picks.append(best_row)
-        busy.add(parents[best_row])
-    return picks
-
-
-@pytest.mark.parametrize("count", [1, 3, 6])
-def test_farthest_targets_match_a_brute_force_farthest_point_order(count: int) -> None:
-    """``reseed_targets="farthest"``: the targets are the rows a brute-force farthest-point
-    pass picks (freed components' own means do not cover anything; one row per parent)."""
-    g = torch.Generator().manual_seed(5)
-    gmm = OnlineGMM(6, 8, anneal_steps=0, reseed_targets="farthest", init_samples=0)
-    gmm.update(project_to_sphere(torch.randn(24, 8, generator=g)))
-    h = project_to_sphere(torch.randn(40, 8, generator=g))
-    parents = (h @ gmm.prototypes().T).argmax(dim=1)
-    freed = [4]
-    kept = gmm.mean[[k for k in range(6) if k not in freed]]
-    busy = {0}
-    expected = farthest_point_reference(h, kept, parents.tolist(), busy, count)
-    rows, split_parents = gmm._farthest_targets(h, parents, set(busy), count, freed)
-    assert rows == expected
-    assert split_parents == [int(parents[row]) for row in rows]
-    assert 0 not in split_parents and len(set(split_parents)) == len(split_parents)
-
-
-def test_farthest_targets_skip_a_covered_copy_for_an_uncovered_row() -> None:
-    """Two identical rows far from every mean (two views of one image) and a third, less far
-    row: the second target is the third row, not the copy, even when their parents differ."""
-    e = torch.eye(6)
-    gmm = OnlineGMM(3, 6, anneal_steps=0, init_samples=0, reseed_targets="farthest")
-    gmm.update(torch.cat([e[:3]] * 4))
-    far = F.normalize(e[3] + 0.1 * e[0], dim=0)
-    less_far = F.normalize(e[4] + 0.8 * e[1], dim=0)
-    h = torch.stack([far, far, less_far])
-    rows, _ = gmm._farthest_targets(h, torch.tensor([0, 2, 1]), set(), 2, [])
-    assert rows == [0, 2]
-
-
 # --------------------------------------------------------------------------- known mixtures
 
 

@@ -11,7 +11,6 @@ A mixin, as :mod:`protogmm.prototypes._gmm_em`: the buffers it moves are the mix
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from protogmm.prototypes._gmm_em import OnlineEMSteps, _all_gather_rows, _distributed_world_size
@@ -53,8 +52,6 @@ class SplitAndMerge(OnlineEMSteps):
     # Set by OnlineGMM (declared here for readers of the mixin).
     merge_overlap: float | None
     reseed_min_share: float | None
-    reseed_targets: str
-    chunk_size: int
     moved: Tensor
     num_merged: Tensor
     num_reseeded: Tensor
@@ -100,10 +97,9 @@ class SplitAndMerge(OnlineEMSteps):
 
         Candidate pairs are the two most likely components of each row (``top_indices``);
         a pair merges when its overlap exceeds ``merge_overlap``, most overlapping first,
-        each component in at most one move. Targets are batch rows, the worst explained by
-        the mixture (lowest ``max_k log rho_ik``, ``top_values[:, 0]``) or in farthest-point
-        order (``reseed_targets``), at most one per best-explaining component ("parent"),
-        which the split halves. Moves are limited to
+        each component in at most one move. Targets are the rows worst explained by the
+        mixture (lowest ``max_k log rho_ik``, ``top_values[:, 0]``), at most one per
+        best-explaining component ("parent"), which the split halves. Moves are limited to
         the targets available: a merged component that could not be placed elsewhere would
         stay on its partner.
         """
@@ -134,22 +130,26 @@ class SplitAndMerge(OnlineEMSteps):
             candidates = candidates[torch.argsort(share[candidates], stable=True)]
             stranded = [k for k in candidates.tolist() if k not in busy]
             busy.update(stranded)
-        freed = [drop for _, drop in merge_pairs] + stranded
+        free_count = len(merge_pairs) + len(stranded)
         no_moves = (
             torch.zeros(0, 2, dtype=torch.long, device=device),
             torch.zeros(0, 2, dtype=torch.long, device=device),
             h.new_zeros(0, self.dim),
         )
-        if not freed:
+        if free_count == 0:
             return no_moves
-        if self.reseed_targets == "farthest":
-            split_rows, split_parents = self._farthest_targets(
-                h, top_indices[:, 0], busy, len(freed), freed
-            )
-        else:
-            split_rows, split_parents = self._worst_explained_targets(
-                top_values[:, 0], top_indices[:, 0], busy, len(freed)
-            )
+        parents = top_indices[:, 0].tolist()
+        split_rows: list[int] = []
+        split_parents: list[int] = []
+        for row in torch.argsort(top_values[:, 0]).tolist():  # worst explained first
+            p = parents[row]
+            if p in busy:
+                continue
+            busy.add(p)  # one split per component and step
+            split_rows.append(row)
+            split_parents.append(p)
+            if len(split_rows) == free_count:
+                break
         merge_pairs = merge_pairs[: len(split_rows)]
         freed = [drop for _, drop in merge_pairs] + stranded
         freed = freed[: len(split_rows)]
@@ -162,56 +162,6 @@ class SplitAndMerge(OnlineEMSteps):
             device=device,
         ).view(-1, 2)
         return merges, splits, h[split_rows[: len(freed)]]
-
-    @staticmethod
-    def _worst_explained_targets(
-        best_log_joint: Tensor, parents: Tensor, busy: set[int], count: int
-    ) -> tuple[list[int], list[int]]:
-        """Up to ``count`` rows of lowest ``max_k log rho_ik`` and their best components,
-        one row per component not ``busy`` (which it updates)."""
-        parent_of = parents.tolist()
-        rows: list[int] = []
-        for row in torch.argsort(best_log_joint).tolist():  # worst explained first
-            p = parent_of[row]
-            if p in busy:
-                continue
-            busy.add(p)  # one split per component and step
-            rows.append(row)
-            if len(rows) == count:
-                break
-        return rows, [parent_of[row] for row in rows]
-
-    def _farthest_targets(
-        self, h: Tensor, parents: Tensor, busy: set[int], count: int, freed: list[int]
-    ) -> tuple[list[int], list[int]]:
-        """Up to ``count`` rows in farthest-point order (``reseed_targets="farthest"``).
-
-        Each pick is the row of lowest cosine to every unit mean that stays (all but
-        ``freed``) and to the rows already picked this step (as k-means++ seeds, greedily),
-        among rows whose best component is not ``busy`` (updated: one split per component
-        and step). Costs one ``[N, K]`` product (chunked over K), only on steps with moves.
-        """
-        unit = F.normalize(self.mean, dim=1).index_fill(
-            0, torch.tensor(freed, dtype=torch.long, device=h.device), 0.0
-        )
-        coverage = torch.cat([h @ block.T for block in unit.split(self.chunk_size)], dim=1).amax(
-            dim=1
-        )
-        parent_of = parents.tolist()
-        blocked = parents.new_zeros(parents.shape, dtype=torch.bool)
-        for p in busy:
-            blocked |= parents == p
-        coverage = coverage.masked_fill(blocked, float("inf"))
-        rows: list[int] = []
-        while len(rows) < count:
-            row = int(coverage.argmin())
-            if not torch.isfinite(coverage[row]):
-                break  # every row's component already splits this step
-            p = parent_of[row]
-            busy.add(p)
-            rows.append(row)
-            coverage = torch.maximum(coverage, h @ h[row]).masked_fill(parents == p, float("inf"))
-        return rows, [parent_of[row] for row in rows]
 
     def _split(self, parent: int, free: int, target: Tensor) -> None:
         """Give ``free`` half of ``parent``'s mass and variance, with its mean on ``target``.

@@ -311,7 +311,6 @@ class OnlineGMM(MixtureState, TruncatedEMSteps, SplitAndMerge, PrototypeSet):
         "kmeanspp_max_seeds",
         "merge_overlap",
         "reseed_min_share",
-        "reseed_targets",
         "top_k",
         "chunk_size",
         "center_momentum",

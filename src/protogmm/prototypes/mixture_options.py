@@ -82,11 +82,6 @@ class MixtureOptions:
             default ``mixing_memory`` a healthy component falls that low with probability
             about ``exp(-19)``; a component that gets nothing does after about
             ``3 mixing_memory K / N`` steps.
-        reseed_targets: where a freed component goes: ``"worst_explained"``, the batch rows
-            of lowest ``max_k log rho_ik``, or ``"farthest"``, farthest-point order by cosine
-            (each target the row least similar to every mean and to the targets already
-            taken this step, as k-means++ seeds), so no two re-seeds of one step, and no
-            re-seed, lands next to an existing mean while a row elsewhere is uncovered.
         top_k: truncated EM (the default, 8): each row's E-step and statistics cover only
             its ``top_k`` components by cosine score (the scores the targets need anyway);
             the others get zero responsibility for it. None: every component (the dense
@@ -122,7 +117,6 @@ class MixtureOptions:
     kmeanspp_max_seeds: int = 4096
     merge_overlap: float | None = 0.5
     reseed_min_share: float | None = 0.05
-    reseed_targets: Literal["worst_explained", "farthest"] = "worst_explained"
     top_k: int | None = 8
     chunk_size: int = 4096
     center_momentum: float | None = None
@@ -134,7 +128,6 @@ class MixtureOptions:
         check_choice("mixing", self.mixing, ("counts", "uniform"))
         check_choice("anneal", self.anneal, ("means", "joint"))
         check_choice("init_variance", self.init_variance, ("pooled", "global"))
-        check_choice("reseed_targets", self.reseed_targets, ("worst_explained", "farthest"))
         check_in_range("eta", self.eta, 0.0, 1.0, low_inclusive=False)
         check_in_range("beta0", self.beta0, 0.0, 1.0, low_inclusive=False)
         for name in ("mixing_memory", "n_init"):
