@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from protogmm.diagnostics import (
     DEFAULT_EPS,
     _int8_sketch,
+    data_reference_curve,
     representatives,
     unique_prototype_curve,
     unique_prototypes,
@@ -626,3 +627,28 @@ def test_65536_random_prototypes_are_unique(record_property):
     record_property("seconds_k65536_d256", elapsed)
     print(f"\nunique_prototypes(K=65536, d=256): {count} in {elapsed:.1f} s")
     assert count == 65536
+
+
+# --------------------------------------------------------------------------- data reference
+
+
+def test_data_reference_counts_k_rows_drawn_without_replacement() -> None:
+    """The reference is the naive cover of the ``K`` rows a seeded permutation draws; a cap
+    of the sphere (rows around one direction) counts few at coarse eps, as any K points on it
+    must; fewer rows than K are all used."""
+    cap = random_clustered(300, 1, 16, 0.5, seed=3)
+    curve, drawn = data_reference_curve(cap, 64, (0.025, 0.25), seed=5)
+    rows = cap[torch.randperm(300, generator=torch.Generator().manual_seed(5))[:64]]
+    assert drawn == 64
+    assert curve == {eps: naive_count(rows, eps) for eps in (0.025, 0.25)}
+    assert curve[0.25] < 0.4 * 64 and curve[0.025] > curve[0.25]
+    assert data_reference_curve(cap, 64, (0.025, 0.25), seed=5) == (curve, 64)
+    everything, drawn = data_reference_curve(cap[:40], 64, (0.025,))
+    assert drawn == 40 and everything == {0.025: naive_count(cap[:40], 0.025)}
+
+
+def test_data_reference_rejects_bad_input_naming_it() -> None:
+    with pytest.raises(ValueError, match="num_prototypes"):
+        data_reference_curve(torch.randn(5, 3), 0)
+    with pytest.raises(ValueError, match="embeddings"):
+        data_reference_curve(torch.randn(5), 2)

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 from protogmm.cli import main
+from protogmm.diagnostics import data_reference_curve
+from protogmm.evaluation.features import extract_features
+from protogmm.training.checkpoints import load_module
+from protogmm.training.datamodule import SSLDataModule
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,14 @@ def test_diagnose_own_checkpoint(
     assert "unique ε=0.025" in out and "ever chosen" in out
     assert (tmp_path / "unique_vs_eps.png").exists()
     assert (tmp_path / "prototype_geometry.png").exists()
+    # The data's reference row: the cover of K teacher embeddings of the held-out split.
+    module = load_module(checkpoint)
+    _, test_loader = SSLDataModule(dataset="synthetic").knn_dataloaders()
+    teacher = torch.nn.Sequential(module.teacher["backbone"], module.teacher["head"])
+    embeddings, _ = extract_features(teacher, test_loader)
+    curve, drawn = data_reference_curve(embeddings, module.hparams.num_prototypes, [0.025, 0.5])
+    expected = " | ".join(f"{curve[e]} ({100 * curve[e] / drawn:.1f}%)" for e in (0.025, 0.5))
+    assert f"| held-out split | {drawn} | {expected} |" in out
 
 
 def test_diagnose_a_dino_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

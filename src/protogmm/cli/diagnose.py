@@ -13,6 +13,7 @@ from protogmm.diagnostics import (
     DEFAULT_EPS,
     UsageAccumulator,
     angle_flatness,
+    data_reference_curve,
     describe_prototypes,
     load_prototypes,
     plot_prototype_geometry,
@@ -59,7 +60,7 @@ def run_diagnose(argv: list[str]) -> int:
     if data.requested:
         datamodule = data.datamodule(args.checkpoint)
         module = load_module(args.checkpoint)
-        usage = usage_table(module, datamodule, device)
+        usage = usage_table(module, datamodule, device, args.eps)
     if not is_rank_zero():
         return leave()  # rank 0 reports
     found = load_prototypes(args.checkpoint, key=args.key)
@@ -151,14 +152,21 @@ def long_tail_text(module: PrototypicalSSL, untrained: PrototypicalSSL, data: SS
 
 
 def usage_table(
-    module: PrototypicalSSL, data: SSLDataModule, device: torch.device | str = "cpu"
+    module: PrototypicalSSL,
+    data: SSLDataModule,
+    device: torch.device | str = "cpu",
+    eps_values: list[float] | tuple[float, ...] = DEFAULT_EPS,
 ) -> str:
-    """Prototype usage of the teacher's embeddings on the data's held-out split.
+    """Prototype usage of the teacher's embeddings on the data's held-out split, and the
+    data's own reference: Definition 2.1 over K of those embeddings drawn at random
+    (:func:`~protogmm.diagnostics.data_reference_curve`), what K prototypes lying on the
+    data would count at each ε.
 
     Args:
         module: the trained module.
         data: the data measured on.
         device: where the teacher runs (under torchrun each process embeds its shard).
+        eps_values: the ε columns of the reference.
     """
     dataset = data.hparams.dataset
     _, test_loader = data.knn_dataloaders()
@@ -176,7 +184,7 @@ def usage_table(
                 probs = torch.softmax(module.teacher_prototype_set()(chunk) / tau, dim=1)
             accumulator.update(probs)
     usage = accumulator.compute()
-    return markdown_table(
+    usage_text = markdown_table(
         ["usage on " + dataset, "ever chosen", "effective number exp(H)", "mean sample H"],
         [
             [
@@ -187,3 +195,15 @@ def usage_table(
             ]
         ],
     )
+    reference, drawn = data_reference_curve(
+        embeddings, module.hparams.num_prototypes, list(eps_values)
+    )
+    reference_text = markdown_table(
+        ["reference: teacher embeddings drawn at random", "rows"]
+        + [f"unique ε={eps:g}" for eps in eps_values],
+        [
+            ["held-out split", str(drawn)]
+            + [f"{reference[eps]} ({100 * reference[eps] / drawn:.1f}%)" for eps in eps_values]
+        ],
+    )
+    return usage_text + "\n\n" + reference_text

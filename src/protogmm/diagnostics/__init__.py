@@ -11,6 +11,7 @@ from protogmm.diagnostics.geometry import (
 )
 from protogmm.diagnostics.uniqueness import (
     DEFAULT_EPS,
+    data_reference_curve,
     representatives,
     unique_prototype_curve,
     unique_prototypes,
@@ -22,6 +23,7 @@ __all__ = [
     "UsageAccumulator",
     "angle_density",
     "angle_flatness",
+    "data_reference_curve",
     "describe_prototypes",
     "load_prototypes",
     "pca_2d",

@@ -61,7 +61,13 @@ from protogmm.diagnostics._int8_sketch import _int8_code_levels as _int8_code_le
 from protogmm.diagnostics._int8_sketch import _int8_matmul_is_exact as _int8_matmul_is_exact
 from protogmm.diagnostics._int8_sketch import _sketch as _sketch
 
-__all__ = ["DEFAULT_EPS", "representatives", "unique_prototype_curve", "unique_prototypes"]
+__all__ = [
+    "DEFAULT_EPS",
+    "data_reference_curve",
+    "representatives",
+    "unique_prototype_curve",
+    "unique_prototypes",
+]
 
 DEFAULT_EPS: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5)
 """Cosine-distance thresholds reported by default (0.025 is the paper's headline value)."""
@@ -131,6 +137,43 @@ def unique_prototype_curve(
     counts = _representative_masks(unit, distinct, block_size).sum(dim=1).tolist()
     by_eps = dict(zip(distinct, counts, strict=True))
     return {eps: int(by_eps[eps]) for eps in checked}
+
+
+def data_reference_curve(
+    embeddings: Tensor,
+    num_prototypes: int,
+    eps_values: Sequence[float] = DEFAULT_EPS,
+    *,
+    seed: int = 0,
+) -> tuple[dict[float, int], int]:
+    """Definition 2.1 over ``K`` embeddings of the data drawn at random: the reference for
+    prototypes that lie on the data.
+
+    A prototype set fitted to the data (the mixture's means) cannot be much more spread
+    than the data itself: when the embeddings fill only a cap of the sphere, ``K`` random
+    embeddings already count few unique at a coarse ``eps``, and so does any ``K`` points
+    on them. Learned (joint) prototypes need not lie on the data (an unused one stays
+    where it was initialised), so they can count more. Compare a set's curve with this one.
+
+    Args:
+        embeddings: ``[N, d]`` embeddings (e.g. the teacher's, L2-normalised or not).
+        num_prototypes: ``K``, how many rows to draw (all ``N`` when ``N <= K``).
+        eps_values: the thresholds (see :func:`unique_prototype_curve`).
+        seed: the draw's seed (without replacement; the global RNG is not touched).
+
+    Returns:
+        ``({eps: count}, n)`` with ``n = min(K, N)`` the rows drawn.
+
+    Raises:
+        ValueError: on bad ``embeddings`` or thresholds (see :func:`unique_prototype_curve`)
+            or ``num_prototypes < 1``.
+    """
+    check_positive_int("num_prototypes", num_prototypes)
+    check_matrix("embeddings", embeddings)
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randperm(embeddings.shape[0], generator=generator)[:num_prototypes]
+    rows = embeddings[drawn.to(embeddings.device)]
+    return unique_prototype_curve(rows, eps_values), rows.shape[0]
 
 
 def representatives(
