@@ -115,6 +115,15 @@ def test_single_row_and_extreme_eps():
     assert unique_prototypes(torch.cat([prototypes, prototypes]), 1e-9) == 50
 
 
+@pytest.mark.parametrize("dim", [8, 128, 256, 768])
+def test_one_or_two_rows_in_any_dimension(dim: int) -> None:
+    """A set of one row (e.g. the one prototype a collapsed head still uses) counts 1 at
+    every eps in every dimension; the sketch's prefix choice has no pair to sample there."""
+    rows = torch.randn(2, dim, generator=torch.Generator().manual_seed(dim))
+    assert unique_prototype_curve(rows[:1]) == dict.fromkeys(DEFAULT_EPS, 1)
+    assert unique_prototype_curve(rows) == {e: naive_count(rows, e) for e in DEFAULT_EPS}
+
+
 def test_scale_does_not_matter_and_input_is_untouched():
     gen = torch.Generator().manual_seed(4)
     prototypes = random_clustered(300, 30, 16, 0.3, seed=4)

@@ -151,7 +151,7 @@ def _sketch(unit: Tensor, eps_values: list[float]) -> _Sketch:
         _make_level(length, stats[g], step, code_format, errors, dim)
         for g, length in enumerate(grid)
     ]
-    if len(grid) == 1:
+    if len(grid) == 1 or num_rows < 2:  # one prefix to choose, or no pair to screen
         chosen = [0] * len(eps_values)
     else:
         sample = _sample_rows(num_rows)
