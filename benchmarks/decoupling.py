@@ -69,6 +69,23 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         "prototypes": "decoupled",
         "gmm": {"merge_overlap": None, "reseed_min_share": None},
     },
+    # A ConvNet head without BN (DINO's ViT head), a teacher that follows the student within
+    # this short run (momentum 0.9: a 10-step EMA, against 0.996's 250 steps of DINO's 125k)
+    # and the joint levers: the prototype count falls, but because the teacher's embeddings
+    # collapse to one point (benchmarks.live_prototypes: the data's reference is 0.1 %).
+    "joint, no BN in head, teacher momentum 0.9, init 0.1, lr ×10": {
+        "prototypes": "joint",
+        "head_bn": False,
+        "teacher_momentum": 0.9,
+        "prototype_init_scale": 0.1,
+        "prototype_lr_multiplier": 10.0,
+    },
+    "decoupled, no BN in head, teacher momentum 0.9, centred GMM": {
+        "prototypes": "decoupled",
+        "head_bn": False,
+        "teacher_momentum": 0.9,
+        "gmm": {"center_momentum": 0.9},
+    },
     # Merging kept, stranded components left where they are.
     "no re-seeding of stranded components": {
         "prototypes": "decoupled",
