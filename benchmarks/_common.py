@@ -234,9 +234,8 @@ def reusable_run(
     mixture settings that :class:`~protogmm.prototypes.OnlineGMM` resolves today for
     ``model["gmm"]``, defaults included (the run's own record, ``summary["gmm"]``; an option
     added since counts at its default), so a run made before a default changed is retrained
-    too; so is a decoupled run from before
-    that record existed (its mixture predates today's defaults). ``anneal_steps`` (derived
-    from the budget) is not compared.
+    too; so is a decoupled run from before that record existed (its mixture predates
+    today's defaults). ``anneal_steps`` (derived from the budget) is not compared.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists() or not (run_dir / "hparams.yaml").exists():
