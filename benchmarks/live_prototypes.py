@@ -39,7 +39,7 @@ from ._common import command_line, machine_line, mean_std, replace_section
 
 EPS = (0.025, 0.1, 0.25, 0.5)
 #: The runs of the section: MNIST-5k (benchmarks.decoupling, 3 seeds; two ablations at seed
-#: 0) and MNIST-5k inverted (benchmarks.data_sets, seed 0).
+#: 0; its 15-epoch section, 3 seeds) and MNIST-5k inverted (benchmarks.data_sets, seed 0).
 DEFAULT_RUNS = [
     *(
         f"runs/benchmarks/decoupling/{kind}-seed{seed}"
@@ -52,6 +52,11 @@ DEFAULT_RUNS = [
             "joint, no BN in head, teacher momentum 0.9, init 0.1, lr ×10",
             "decoupled, no BN in head, teacher momentum 0.9, centred GMM",
         )
+    ),
+    *(
+        f"runs/benchmarks/decoupling-15ep/{kind}-seed{seed}"
+        for kind in ("joint", "decoupled")
+        for seed in (0, 1, 2)
     ),
     *(
         f"runs/benchmarks/data_sets/MNIST-5k_inverted-{kind}-seed0"
