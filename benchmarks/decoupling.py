@@ -80,6 +80,31 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         "prototype_init_scale": 0.1,
         "prototype_lr_multiplier": 10.0,
     },
+    # The same levers one (or a few) at a time (BENCHMARKS "What the unique count measures").
+    "joint, teacher momentum 0.9": {"prototypes": "joint", "teacher_momentum": 0.9},
+    "joint, no BN in head, init 0.1, lr ×10": {
+        "prototypes": "joint",
+        "head_bn": False,
+        "prototype_init_scale": 0.1,
+        "prototype_lr_multiplier": 10.0,
+    },
+    "joint, teacher momentum 0.95, init 0.1, lr ×10": {
+        "prototypes": "joint",
+        "teacher_momentum": 0.95,
+        "prototype_init_scale": 0.1,
+        "prototype_lr_multiplier": 10.0,
+    },
+    "joint, init 0.1, lr ×10": {
+        "prototypes": "joint",
+        "prototype_init_scale": 0.1,
+        "prototype_lr_multiplier": 10.0,
+    },
+    "joint, init 0.1, lr ×10, schedules for 4× the run": {
+        "prototypes": "joint",
+        "prototype_init_scale": 0.1,
+        "prototype_lr_multiplier": 10.0,
+        "schedule_steps": 620,
+    },
     "decoupled, no BN in head, teacher momentum 0.9, centred GMM": {
         "prototypes": "decoupled",
         "head_bn": False,
