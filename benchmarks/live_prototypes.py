@@ -5,7 +5,8 @@
 
 Reads finished runs (``<run>/checkpoints/last.ckpt``, e.g. those of ``benchmarks.decoupling``
 and ``benchmarks.data_sets``) and embeds the run's own training split (no augmentation) with
-its teacher. Per run:
+its teacher, its BatchNorm layers on batch statistics as in training
+(:mod:`protogmm.evaluation.features`). Per run:
 
 - the unique % of its prototypes at each ε (Definition 2.1, what the run reports);
 - live: the prototypes that are the teacher's choice (highest cosine score, the argmax of
@@ -72,7 +73,7 @@ def measure(run_dir: Path) -> dict[str, list[float] | float]:
     data = datamodule_from_checkpoint(checkpoint)
     train_loader, _ = data.knn_dataloaders()
     teacher = nn.Sequential(module.teacher["backbone"], module.teacher["head"])
-    embeddings, _ = extract_features(teacher, train_loader)
+    embeddings, _ = extract_features(teacher, train_loader, batch_statistics=True)
     prototypes = module.teacher_prototype_set().prototypes().detach()
     with torch.no_grad():
         choice = torch.cat(
@@ -142,7 +143,8 @@ def main() -> None:
             "### What the unique count measures on this data",
             "",
             f"`{command_line()}` ({machine_line()}). Each run's teacher embeds its own "
-            "training split (no augmentation); live = prototypes that are the teacher's "
+            "training split (no augmentation), BatchNorm on batch statistics as in "
+            "training; live = prototypes that are the teacher's "
             "highest-cosine choice for at least one image; the reference is Definition 2.1 "
             "over K of those embeddings drawn at random (seed 0), what K prototypes lying "
             "on the data would count. Percentages are means over the seeds.",

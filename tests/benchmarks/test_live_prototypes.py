@@ -27,7 +27,7 @@ def test_measure_counts_live_prototypes_against_the_references(
     module = load_module(checkpoint)
     train_loader, _ = datamodule_from_checkpoint(checkpoint).knn_dataloaders()
     teacher = nn.Sequential(module.teacher["backbone"], module.teacher["head"])
-    embeddings, _ = extract_features(teacher, train_loader)
+    embeddings, _ = extract_features(teacher, train_loader, batch_statistics=True)
     prototypes = module.teacher_prototype_set().prototypes().detach()
     unit = torch.nn.functional.normalize(prototypes, dim=1)
     live = (embeddings @ unit.T).argmax(dim=1).unique()

@@ -52,11 +52,12 @@ def test_diagnose_own_checkpoint(
     assert "unique ε=0.025" in out and "ever chosen" in out
     assert (tmp_path / "unique_vs_eps.png").exists()
     assert (tmp_path / "prototype_geometry.png").exists()
-    # The data's reference row: the cover of K teacher embeddings of the held-out split.
+    # The data's reference row: the cover of K teacher embeddings of the held-out split,
+    # embedded as in training (BatchNorm on batch statistics).
     module = load_module(checkpoint)
     _, test_loader = SSLDataModule(dataset="synthetic").knn_dataloaders()
     teacher = torch.nn.Sequential(module.teacher["backbone"], module.teacher["head"])
-    embeddings, _ = extract_features(teacher, test_loader)
+    embeddings, _ = extract_features(teacher, test_loader, batch_statistics=True)
     curve, drawn = data_reference_curve(embeddings, module.hparams.num_prototypes, [0.025, 0.5])
     expected = " | ".join(f"{curve[e]} ({100 * curve[e] / drawn:.1f}%)" for e in (0.025, 0.5))
     assert f"| held-out split | {drawn} | {expected} |" in out

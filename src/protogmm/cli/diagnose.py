@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from protogmm.cli.data_arguments import command_parser, parse_command
+from protogmm.cli.evaluate import check_data_fits
+from protogmm.cli.fit import ConfigError
 from protogmm.cli.processes import is_rank_zero, join_torchrun, leave
 from protogmm.diagnostics import (
     DEFAULT_EPS,
@@ -55,11 +57,15 @@ def run_diagnose(argv: list[str]) -> int:
         help="plot folder (default: <checkpoint stem>-diagnose next to it)",
     )
     args, data = parse_command(parser, argv)
+    for eps in args.eps:
+        if not 0.0 < eps <= 2.0:  # a cosine distance between unit rows is at most 2
+            raise ConfigError(f"--eps {eps:g}: each ε must be in (0, 2]")
     device = join_torchrun()  # under torchrun every process embeds its share of the data
     usage = None
     if data.requested:
         datamodule = data.datamodule(args.checkpoint)
         module = load_module(args.checkpoint)
+        check_data_fits(module, datamodule, args.checkpoint)
         usage = usage_table(module, datamodule, device, args.eps)
     if not is_rank_zero():
         return leave()  # rank 0 reports
@@ -162,6 +168,10 @@ def usage_table(
     (:func:`~protogmm.diagnostics.data_reference_curve`), what K prototypes lying on the
     data would count at each ε.
 
+    The teacher embeds with its BatchNorm layers on batch statistics, as it does in training
+    when its embeddings are fitted and turned into targets; its running statistics, which
+    evaluation uses, lag behind early in a run (:mod:`protogmm.evaluation.features`).
+
     Args:
         module: the trained module.
         data: the data measured on.
@@ -171,7 +181,7 @@ def usage_table(
     dataset = data.hparams.dataset
     _, test_loader = data.knn_dataloaders()
     teacher = nn.Sequential(module.teacher["backbone"], module.teacher["head"]).to(device)
-    embeddings, _ = extract_features_sharded(teacher, test_loader, device)
+    embeddings, _ = extract_features_sharded(teacher, test_loader, device, batch_statistics=True)
     module.cpu()
     accumulator = UsageAccumulator(module.hparams.num_prototypes)
     # The host's teacher temperature (CARP: its block softmax's), as the targets use it.

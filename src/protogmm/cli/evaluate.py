@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from protogmm.cli.data_arguments import command_parser, parse_command
+from protogmm.cli.data_arguments import DataArguments, command_parser, parse_command
+from protogmm.cli.fit import ConfigError
 from protogmm.cli.processes import is_rank_zero, join_torchrun, leave
 from protogmm.evaluation import knn_accuracy, linear_probe
 from protogmm.evaluation.features import extract_features_sharded
 from protogmm.reports import markdown_table
 from protogmm.training.checkpoints import load_module
+from protogmm.training.datamodule import SSLDataModule
+from protogmm.training.module import PrototypicalSSL
 
 
 def run_eval(argv: list[str]) -> int:
@@ -17,8 +21,8 @@ def run_eval(argv: list[str]) -> int:
 
     Prints the trained encoder beside the untrained one (same architecture, seed-0 init) and
     raw pixels, measured the same way. Under torchrun every process extracts its share of
-    the features and rank 0 prints. The data arguments are ``fit``'s ``--data.*``
-    (default MNIST-5k); ``--data checkpoint`` is the data the checkpoint was trained on.
+    the features and rank 0 prints. The data arguments are ``fit``'s ``--data.*``;
+    without any, the data the checkpoint was trained on (``--data checkpoint``).
     """
     parser = command_parser("protogmm eval", run_eval.__doc__)
     parser.add_argument("protocol", choices=("knn", "linear"))
@@ -30,7 +34,10 @@ def run_eval(argv: list[str]) -> int:
     device = join_torchrun()  # under torchrun: every process extracts its shard
     trained = load_module(args.checkpoint)
     untrained = load_module(args.checkpoint, trained=False)
+    if not data.requested:
+        data = DataArguments(given={}, from_checkpoint=True)
     datamodule = data.datamodule(args.checkpoint)
+    check_data_fits(trained, datamodule, args.checkpoint)
     train_loader, test_loader = datamodule.knn_dataloaders()
     rows = []
     for label, encoder in (
@@ -59,3 +66,24 @@ def run_eval(argv: list[str]) -> int:
     if is_rank_zero():
         print(markdown_table([f"{protocol} on {datamodule.hparams.dataset}", "top-1 %"], rows))
     return leave()
+
+
+def check_data_fits(module: PrototypicalSSL, data: SSLDataModule, checkpoint: Path) -> None:
+    """One line when the data's images have other channels than the checkpoint's encoder
+    takes; a note on stderr when only their size differs (a ConvNet pools any size).
+
+    Raises:
+        ConfigError: the channels differ.
+    """
+    channels, size = module.hparams.in_channels, module.hparams.image_size
+    if data.in_channels != channels:
+        raise ConfigError(
+            f"{checkpoint}: its encoder takes {channels}-channel images, data "
+            f"{data.hparams.dataset!r} gives {data.in_channels}-channel ones: pass the data it "
+            "was trained on (--data checkpoint, or fit's --data.* arguments)"
+        )
+    if data.image_size != size:
+        print(
+            f"note: {checkpoint} was trained at {size} px, the data gives {data.image_size} px",
+            file=sys.stderr,
+        )

@@ -16,7 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from protogmm.evaluation import evaluate_long_tail
+from protogmm.evaluation import evaluate_long_tail, prototype_diversity
+from protogmm.evaluation.features import extract_features
 
 #: Linear-probe epochs of the per-group analysis (as ``protogmm eval linear``).
 LONGTAIL_LINEAR_EPOCHS = 100
@@ -50,27 +51,36 @@ def teacher_long_tail(
 
     A sample's prototype is the argmax of the teacher's cosine scores of its embedding
     (backbone, projection head, then the teacher's prototypes: the GMM means when
-    decoupled), the assignment the training targets are built from. The diversity is left
-    out when ``with_prototypes`` is False or a mixture is not fitted yet.
+    decoupled), the assignment the training targets are built from: embedded with the
+    teacher's BatchNorm layers on batch statistics, as in training (the accuracies use the
+    running statistics, as evaluation does; :mod:`protogmm.evaluation.features`). The
+    diversity is left out when ``with_prototypes`` is False or a mixture is not fitted yet.
     """
     train_loader, test_loader = datamodule.knn_dataloaders()
-    assign = None
-    if with_prototypes and module.prototypes_fitted():
-        head, prototypes = module.teacher["head"], module.teacher_prototype_set()
-
-        def assign(features: torch.Tensor) -> torch.Tensor:
-            return prototypes(head(features)).argmax(dim=1)
-
+    groups = datamodule.frequency_groups()
     with evaluating(module):
-        return evaluate_long_tail(
-            datamodule.frequency_groups(),
+        result = evaluate_long_tail(
+            groups,
             train_loader,
             test_loader,
             module.teacher["backbone"],
-            assign=assign,
             device=module.device,
             linear_epochs=linear_epochs,
         )
+        if with_prototypes and module.prototypes_fitted():
+            teacher = torch.nn.Sequential(module.teacher["backbone"], module.teacher["head"])
+            embeddings, labels = extract_features(
+                teacher, train_loader, module.device, batch_statistics=True
+            )
+            prototypes = module.teacher_prototype_set()
+            assignments = torch.cat(
+                [
+                    prototypes(chunk.to(module.device)).argmax(dim=1).cpu()
+                    for chunk in embeddings.split(1024)
+                ]
+            )
+            result["prototypes"] = prototype_diversity(assignments, labels, groups)
+    return result
 
 
 def pixels_long_tail(
