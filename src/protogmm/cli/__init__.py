@@ -75,17 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status: 0, 2 for a bad command line, configuration or file (one line on
         stderr), or the command's own (``fit``: 3 when the non-finite guard stopped it).
+        Without a command: the help on stdout, and 2 (nothing ran; 0 for ``--help``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        if argv and argv[0] not in ("-h", "--help"):
-            print(
-                f"error: unknown command {argv[0]!r}; choose from {sorted(COMMANDS)}",
-                file=sys.stderr,
-            )
-            return 2
-        return 0
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(
+            f"protogmm: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
+        return 2
     sys.argv = sys.argv[:1]  # the sub-command parsers get argv explicitly
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
 from typing import Any
 
+from protogmm.cli.command_line import CommandParser
 from protogmm.diagnostics import plot_unique_vs_eps
 from protogmm.diagnostics.plots import plot_collapse_over_training
 from protogmm.reports import demo_table
@@ -67,7 +67,7 @@ def _tensorboard_history(paths: list[Path]) -> list[dict[str, float]]:
 
 def run_compare(argv: list[str]) -> int:
     """``protogmm compare RUN_DIR...``: one table and overlaid collapse plots across runs."""
-    parser = argparse.ArgumentParser(prog="protogmm compare", description=run_compare.__doc__)
+    parser = CommandParser(prog="protogmm compare", description=run_compare.__doc__)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=Path("compare"))
     args = parser.parse_args(argv)

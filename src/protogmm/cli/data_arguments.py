@@ -29,7 +29,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
-from protogmm.cli.fit import ConfigError, _one_line
+from protogmm.cli.command_line import ConfigError, _one_line
 from protogmm.cli.legacy_data import PARSER_MODE, upgrade_data_argv
 from protogmm.training.data_settings import DATA_GROUPS
 from protogmm.training.datamodule import DATASETS, SSLDataModule, datamodule_from_checkpoint

@@ -10,12 +10,13 @@ from typing import Any
 
 import lightning as L
 
+from protogmm.cli.command_line import CommandParser
 from protogmm.diagnostics.plots import plot_collapse_over_training
 from protogmm.reports import demo_table
 from protogmm.training.callbacks import TRAINING_EPS, write_text_atomically
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.module import PrototypicalSSL
-from protogmm.training.run_folder import claim_run_folder
+from protogmm.training.run_folder import FolderOptions, claim_run_folder
 from protogmm.training.runner import build_trainer
 
 
@@ -55,9 +56,13 @@ HOST_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+#: The demo's options, as a refusal of its run folders names them (not ``fit``'s).
+DEMO_FOLDER_OPTIONS = FolderOptions(elsewhere="--out", overwrite="--overwrite", resume=None)
+
+
+def _parser() -> CommandParser:
     """The demo's command line."""
-    parser = argparse.ArgumentParser(prog="protogmm demo", description=run_demo.__doc__)
+    parser = CommandParser(prog="protogmm demo", description=run_demo.__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke-test budget (~1 min)")
     parser.add_argument(
         "--host", choices=tuple(HOST_PRESETS), default="dino", help="host objective (default dino)"
@@ -92,7 +97,7 @@ def run_demo(argv: list[str]) -> int:
     locks = []
     try:
         for kind in ("joint", "decoupled"):
-            locks.append(claim_run_folder(out / kind, None, overwrite=args.overwrite))
+            locks.append(claim_run_folder(out / kind, None, args.overwrite, DEMO_FOLDER_OPTIONS))
         for kind in ("joint", "decoupled"):
             summaries[kind], histories[kind] = _demo_run(args, settings, epochs, out / kind, kind)
     finally:

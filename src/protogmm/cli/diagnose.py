@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from protogmm.cli.command_line import ConfigError
 from protogmm.cli.data_arguments import command_parser, parse_command
 from protogmm.cli.evaluate import check_data_fits
-from protogmm.cli.fit import ConfigError
 from protogmm.cli.processes import is_rank_zero, join_torchrun, leave
 from protogmm.diagnostics import (
     DEFAULT_EPS,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from protogmm.cli.command_line import ConfigError
 from protogmm.cli.data_arguments import DataArguments, command_parser, parse_command
-from protogmm.cli.fit import ConfigError
 from protogmm.cli.processes import is_rank_zero, join_torchrun, leave
 from protogmm.evaluation import knn_accuracy, linear_probe
 from protogmm.evaluation.features import extract_features_sharded

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from protogmm.cli.command_line import CommandParser
 from protogmm.training.checkpoints import load_module
 from protogmm.training.export import export_module
 
@@ -13,7 +13,7 @@ def run_export(argv: list[str]) -> int:
     """``protogmm export CKPT --out FILE.safetensors``: the teacher backbone, loadable with
     ``strict=True`` by timm, torchvision or protogmm (the file's metadata says how), and
     ``FILE.prototypes.safetensors`` with the prototype sets for ``protogmm diagnose``."""
-    parser = argparse.ArgumentParser(prog="protogmm export", description=run_export.__doc__)
+    parser = CommandParser(prog="protogmm export", description=run_export.__doc__)
     parser.add_argument("checkpoint", type=Path, help="a protogmm fit checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="the backbone file, *.safetensors")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """``protogmm fit``: pretraining with LightningCLI (YAML configs, dotted overrides, resume).
 
-Also what the other commands share about errors: :class:`ConfigError` and :func:`_one_line`,
-which fold a parser's message onto the one line ``main`` prints.
+Its command line is rewritten and its errors made one line by
+:mod:`protogmm.cli.command_line`.
 """
 
 from __future__ import annotations
@@ -10,25 +10,29 @@ import contextlib
 import inspect
 import io
 import logging
-import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
-import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from protogmm.cli.command_line import (
+    _CLASS_OPTIONS,
+    ConfigError,
+    _check_config_files,
+    _class_names,
+    _nested_nulls,
+    _one_line,
+)
 from protogmm.cli.legacy_data import PARSER_MODE, upgrade_data_argv
-from protogmm.hosts import Host
-from protogmm.prototypes.kinds import PrototypeKind
-from protogmm.specs import ConfigSpec, class_choices
 from protogmm.training.datamodule import SSLDataModule
 from protogmm.training.distributed import check_launch
-from protogmm.training.legacy_hparams import moved_option_hint
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteError, check_resume_compatible
 from protogmm.training.run_folder import claim_run_folder, resolve_checkpoint
@@ -113,6 +117,31 @@ class ProtoCLI(LightningCLI):
             trainer.default_root_dir = run_dir
             trainer.logger = run_loggers(run_dir, self.config.logger)
 
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a class option's bad value is its own one line.
+
+        Raises:
+            ConfigError: an option of the host or the prototype kind out of its range,
+                named by its full key (``model.prototypes.gmm.eta must be in ...``).
+        """
+        try:
+            super().instantiate_classes()
+        except ValueError:
+            # jsonargparse reports a bad value of a class option as "Does not validate
+            # against any of the Union subtypes" with every setting of the class, naming a
+            # mixture option bare (``eta``); built by its own class, the option names its
+            # full key, its range and the value in one line.
+            for option, base in _CLASS_OPTIONS.items():
+                value = self.config.get(option)
+                if isinstance(value, Namespace):
+                    try:
+                        with warnings.catch_warnings():  # the build below warns again
+                            warnings.simplefilter("ignore")
+                            base.build(value.as_dict(), option)
+                    except ValueError as error:
+                        raise ConfigError(" ".join(str(error).split())) from None
+            raise
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer with the run's callbacks and atomic checkpoint writes.
 
@@ -120,16 +149,61 @@ class ProtoCLI(LightningCLI):
             **kwargs: LightningCLI's trainer arguments.
         """
         # The run's callbacks depend on fit options; checkpoints are written atomically.
-        self.trainer_defaults["callbacks"] = run_callbacks(
-            **{
-                name: self.config[name]
-                for name in inspect.signature(run_callbacks).parameters
-                if name in self.config
-            }
-        )
+        banner = _TrainingStartLines()
+        self.trainer_defaults["callbacks"] = [
+            *run_callbacks(
+                **{
+                    name: self.config[name]
+                    for name in inspect.signature(run_callbacks).parameters
+                    if name in self.config
+                }
+            ),
+            banner,
+        ]
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
         kwargs["plugins"] = with_atomic_checkpoints(plugins)
-        return super().instantiate_trainer(**kwargs)
+        with banner.holding():
+            return super().instantiate_trainer(**kwargs)
+
+
+class _TrainingStartLines(L.Callback):
+    """Lightning's INFO lines of building the trainer ("GPU available: ...", "TPU available:
+    ..."), held back and logged when training starts.
+
+    An error found between building the trainer and the first step (a corrupt
+    ``--ckpt_path``, an unreadable image, a run folder already in use) is then the only line
+    on stderr; Lightning's tips about its cloud services are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold back the INFO lines Lightning logs meanwhile (warnings pass)."""
+        _LIGHTNING_INFO.addFilter(self._hold)
+        try:
+            yield
+        finally:
+            _LIGHTNING_INFO.removeFilter(self._hold)
+
+    def _hold(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        message = record.getMessage()
+        if not message.startswith("💡"):
+            self._lines.append(message)
+        return False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the held lines (once)."""
+        for line in self._lines:
+            _LIGHTNING_INFO.info(line)
+        self._lines.clear()
+
+
+#: The logger of Lightning's ``rank_zero_info`` lines (rank 0 only).
+_LIGHTNING_INFO = logging.getLogger("lightning.pytorch.utilities.rank_zero")
 
 
 @contextlib.contextmanager
@@ -141,91 +215,6 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-class ConfigError(ValueError):
-    """A bad command line or configuration, reported as one line before training starts."""
-
-
-def _one_line(text: str) -> str:
-    """The parser's error message (after its usage text) folded onto one line, with where
-    an option moved when the host and prototype kinds became classes."""
-    message = text[text.rfind("error:") + len("error:") :] if "error:" in text else text
-    return _explain(" ".join(message.split()))[:500]
-
-
-#: The class-valued model options and their classes' base.
-_CLASS_OPTIONS: dict[str, type[ConfigSpec]] = {
-    "model.host": Host,
-    "model.prototypes": PrototypeKind,
-}
-
-
-def _explain(message: str) -> str:
-    """A parser message made actionable: a flat option of before the classes names its new
-    place; a bad class names the choices."""
-    for key in re.findall(r"model\.([a-z_0-9]+)", message):
-        hint = moved_option_hint(key)
-        if hint and not re.search(rf"model\.(host|prototypes)\.{key}\b", message):
-            return f"{hint} (the host and the prototype kind are classes now, with their options)"
-    for option, base in _CLASS_OPTIONS.items():
-        if f'Parser key "{option}"' not in message:
-            continue
-        problem = re.search(r"Problem with given class_path '([\w.]+)': (.*?) - Expected", message)
-        if problem:  # the class is right, one of its options is not
-            return f"{option}: {problem.group(1)}: {problem.group(2)}"
-        given = re.search(r"Given value: (\S+)", message)
-        if given:
-            choices = ", ".join(class_choices(base))
-            return (
-                f"{option}: expected a class ({choices}; its options as {option}.<option>, or "
-                f"in a config under {option}: {{class_path: ..., init_args: {{...}}}}), got "
-                f"{given.group(1)!r}; the parser said: {message}"
-            )
-    return message
-
-
-def _class_names(args: list[str]) -> list[str]:
-    """``--model.host ibot`` as ``--model.host IBOT``: the short names of before the classes
-    (any case) are taken on the command line."""
-    out = list(args)
-    for index, arg in enumerate(out):
-        for option, base in _CLASS_OPTIONS.items():
-            value_index = None
-            if arg == f"--{option}" and index + 1 < len(out):
-                value_index, value = index + 1, out[index + 1]
-            elif arg.startswith(f"--{option}="):
-                value = arg.split("=", 1)[1]
-            else:
-                continue
-            try:
-                name = type(base.build(value, option)).__name__
-            except (ValueError, TypeError):
-                continue  # a class path or a bad name: the parser judges it
-            if value_index is None:
-                out[index] = f"--{option}={name}"
-            else:
-                out[value_index] = name
-    return out
-
-
-def _check_config_files(args: list[str]) -> None:
-    """An empty ``--config`` file is one line naming it (jsonargparse says "Unexpected config:")."""
-    for index, arg in enumerate(args):
-        if arg == "--config" and index + 1 < len(args):
-            path = Path(args[index + 1])
-        elif arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1])
-        else:
-            continue
-        if not path.is_file():
-            continue  # jsonargparse names a missing file itself
-        try:
-            content = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError):
-            continue  # the parser reports syntax errors with their position
-        if content is None:
-            raise ConfigError(f"--config {path}: the file is empty (no keys to set)")
 
 
 def _build_cli(args: list[str]) -> ProtoCLI | None:
@@ -253,6 +242,7 @@ def _build_cli(args: list[str]) -> ProtoCLI | None:
                 save_config_kwargs={"overwrite": True},
                 seed_everything_default=0,
                 parser_kwargs={
+                    "prog": "protogmm fit",  # else the usage says "protogmm" (sys.argv[0])
                     "default_config_files": [str(CONFIG_DIR / "default.yaml")],
                     # YAML with the flat data keys of earlier configs moved into their groups
                     "parser_mode": PARSER_MODE,
@@ -281,7 +271,7 @@ def run_fit(args: list[str]) -> int:
     """
     _check_config_files(args)
     # The flat --data.* keys of before the groups (documented commands, old scripts) still run.
-    args = upgrade_data_argv(_class_names(args))
+    args = upgrade_data_argv(_nested_nulls(_class_names(args)))
     cli = _build_cli(args)
     if cli is None:
         return 0
@@ -291,7 +281,11 @@ def run_fit(args: list[str]) -> int:
         # Before any process starts or any step runs: a checkpoint of another configuration
         # or process layout is a one-line error; other differences are one warning line.
         notes = check_resume_compatible(
-            ckpt_path, cli.model.hparams, cli.datamodule.hparams, cli.trainer.world_size
+            ckpt_path,
+            cli.model.hparams,
+            cli.datamodule.hparams,
+            cli.trainer.world_size,
+            trainer=cli.trainer,
         )
         if notes and rank_zero_only.rank == 0:
             print(

@@ -40,10 +40,13 @@ the refused class. To read such a file from a source you trust, allow-list its c
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +54,12 @@ from torch import Tensor
 
 from protogmm.integrity import check_checkpoint_integrity
 
-__all__ = ["describe_prototypes", "load_prototypes"]
+__all__ = [
+    "check_checkpoint_path",
+    "damaged_checkpoint_message",
+    "describe_prototypes",
+    "load_prototypes",
+]
 
 # Nested mappings whose names are dropped from a layer's name: they hold "the model".
 _TRANSPARENT_CONTAINERS = frozenset({"state_dict", "model", "module", "state", "model_state"})
@@ -123,14 +131,14 @@ def load_prototypes(path: str | Path, key: str | None = None) -> dict[str, Tenso
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        IsADirectoryError: if ``path`` is a directory.
         ValueError: if the file holds non-tensor objects (it is not unpickled), cannot be
-            read by ``torch.load``, holds no prototype layer (the message lists up to 20 of
-            its 2-D tensors), holds a layer with inconsistent ``g``/``v`` shapes, or has no
-            layer named ``key`` (the message lists the names found).
+            read by ``torch.load`` (a truncated file says so), holds no prototype layer (the
+            message lists up to 20 of its 2-D tensors), holds a layer with inconsistent
+            ``g``/``v`` shapes, or has no layer named ``key`` (the message lists the names).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    check_checkpoint_path(path)
     checkpoint = _load_tensors_only(path)
     found = _find_layers(checkpoint, path)
     if not found:
@@ -183,6 +191,50 @@ def describe_prototypes(found: Mapping[str, Tensor]) -> str:
     return "\n".join(lines)
 
 
+#: The first bytes of a zip archive (a local file header): how every ``torch.save`` file starts.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
+    """Raise a one-line error unless ``path`` is a file: absent, or a directory.
+
+    Every checkpoint reader (``diagnose`` here; ``fit``, ``eval`` and ``export`` through
+    :func:`protogmm.training.atomic_io.read_checkpoint`) says it in the same words.
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory (e.g. a run folder given for its checkpoint).
+        FileNotFoundError: nothing is at ``path``.
+    """
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"checkpoint path is a directory, not a file: {path}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def damaged_checkpoint_message(path: str | os.PathLike[str]) -> str | None:
+    """One line naming ``path`` if torch cannot read it because it is truncated, else None.
+
+    Called after ``torch.load`` failed. A file that starts as a zip archive (what
+    ``torch.save`` writes) but whose central directory, at the archive's end, is missing
+    was cut short (an interrupted copy, download or save) or damaged; an empty file too.
+    Torch's own message for these is a paragraph about its zip reader ("failed finding
+    central directory ... internal miniz error"). Other failures (a foreign format, a
+    refused class) are left to the caller's message.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_ZIP_MAGIC))
+        if not head:
+            reason = "an empty file"
+        elif head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
+            reason = "not a zip archive torch can read: its end is missing"
+        else:
+            return None
+    except OSError:
+        return None
+    return f"{path}: cannot be read: truncated or corrupt checkpoint ({reason})"
+
+
 def _load_tensors_only(path: Path) -> object:
     """``torch.load`` with ``weights_only=True``, turning a refusal into a one-line error.
 
@@ -196,22 +248,29 @@ def _load_tensors_only(path: Path) -> object:
         # argparse.Namespace: DINO's full checkpoints hold their arguments in one (see above).
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        match = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(error))
-        if match:
-            raise ValueError(
-                f"{path} holds non-tensor objects ({match.group(1)}) and will not be unpickled "
-                f"(torch.load weights_only=True); if you trust the file, allow-list them with "
-                f"torch.serialization.safe_globals"
-            ) from None
-        reason = _last_line(str(error))
-        raise ValueError(
-            f"{path} could not be read with torch.load(weights_only=True) and will not be "
-            f"unpickled otherwise: {reason}"
-        ) from None
     except Exception as error:  # torch.load raises many types on a corrupt or foreign file
+        damaged = damaged_checkpoint_message(path)
+        if damaged is not None:  # not torch's paragraph about miniz: what is wrong, in one line
+            raise ValueError(damaged) from None
+        if isinstance(error, pickle.UnpicklingError):
+            _raise_refused(path, error)
         reason = f"{type(error).__name__}: {_last_line(str(error))}"
         raise ValueError(f"{path} is not a readable torch checkpoint ({reason})") from None
+
+
+def _raise_refused(path: Path, error: pickle.UnpicklingError) -> NoReturn:
+    """One line for what ``torch.load(weights_only=True)`` refused: the class, if it names one."""
+    match = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(error))
+    if match:
+        raise ValueError(
+            f"{path} holds non-tensor objects ({match.group(1)}) and will not be unpickled "
+            f"(torch.load weights_only=True); if you trust the file, allow-list them with "
+            f"torch.serialization.safe_globals"
+        ) from None
+    raise ValueError(
+        f"{path} could not be read with torch.load(weights_only=True) and will not be "
+        f"unpickled otherwise: {_last_line(str(error))}"
+    ) from None
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:

@@ -5,6 +5,9 @@
   fsync'ed: a kill or a power cut during a save leaves the previous ``last.ckpt`` whole.
   Reads are ``weights_only=True`` always.
 * :func:`read_checkpoint`: the one weights-only reader, with one-line errors naming the file.
+* :func:`replace_atomically`: the same write-then-rename for a file another library writes
+  (``protogmm export``'s safetensors), with the mode a plain ``open`` would give it;
+  :func:`write_text_atomically` for text (the run report, the demo's table).
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from protogmm.diagnostics.external import check_checkpoint_path, damaged_checkpoint_message
 from protogmm.integrity import check_checkpoint_integrity
 
 
@@ -114,19 +119,75 @@ def read_checkpoint(
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a directory.
         ValueError: not a weights-only checkpoint (corrupt, truncated or foreign), or its
-            bytes fail the archive's own CRC-32 checks (:mod:`protogmm.integrity`).
+            bytes fail the archive's own CRC-32 checks (:mod:`protogmm.integrity`). A
+            truncated file says so, in the words ``protogmm diagnose`` uses.
     """
-    if "://" not in str(path):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+    local = "://" not in str(path)
+    if local:
+        check_checkpoint_path(path)  # absent or a directory: diagnose's words
         check_checkpoint_integrity(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 (any unpickling failure: one line naming the file)
+        damaged = damaged_checkpoint_message(path) if local else None
+        if damaged is not None:
+            raise ValueError(damaged) from None
         raise ValueError(
             f"{path}: cannot be read as a weights-only checkpoint ({type(error).__name__})"
         ) from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: not a training checkpoint (holds a {type(checkpoint).__name__})")
     return checkpoint
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Have ``write`` write a temporary file beside ``path``, then rename it over ``path``.
+
+    A kill during the write leaves the previous file (or none), never half a file. The file
+    gets the mode a plain ``open`` gives (0666 less the umask, as checkpoints and reports
+    get): writers that create their file as 0600 (safetensors' ``save_file``, like
+    ``tempfile.mkstemp``) would otherwise leave an export only its owner can read.
+
+    Args:
+        path: the file to write.
+        write: writes the whole file at the path it is given (the temporary one).
+
+    Returns:
+        ``path``.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        # Created here first, so its mode is the umask's; a writer that replaces the file
+        # (rather than writing into it) gets that mode back below.
+        with open(temporary, "wb"):
+            pass
+        mode = temporary.stat().st_mode & 0o777
+        write(temporary)
+        os.chmod(temporary, mode)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)
+    return target
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: never half a file.
+
+    UTF-8, with any lone surrogate (a file name that is not UTF-8) written as a ``\\udcff``
+    escape rather than failing; the temporary file is removed if anything fails.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8", errors="backslashreplace")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from protogmm.models import build_backbone
 from protogmm.models.backbones import TimmBackbone, TorchvisionResNet
+from protogmm.training.atomic_io import replace_atomically
 from protogmm.training.module import PrototypicalSSL
 
 __all__ = ["PROTOTYPE_PREFIXES", "export_module", "load_exported_backbone", "prototypes_path"]
@@ -90,13 +92,12 @@ def export_module(module: PrototypicalSSL, out: str | os.PathLike[str]) -> tuple
         out: the backbone file, ``*.safetensors``.
 
     Returns:
-        The backbone file and the prototypes file.
+        The backbone file and the prototypes file, each written atomically (a temporary file,
+        then a rename) with the usual umask-derived mode.
 
     Raises:
         ValueError: ``out`` does not end in ``.safetensors``.
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: the file name must end in .safetensors")
@@ -106,11 +107,18 @@ def export_module(module: PrototypicalSSL, out: str | os.PathLike[str]) -> tuple
         for name, value in module.state_dict().items()
         if name.startswith(PROTOTYPE_PREFIXES) and value.is_floating_point()
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_plain(state), str(out), metadata=metadata)
     extra = {"format": "protogmm-prototypes/1", "prototypes": module.kind.name}
-    save_file(_plain(prototypes), str(prototypes_path(out)), metadata=extra)
+    # Written then renamed, with the mode of the run's other files (save_file's own is 0600).
+    for path, tensors, meta in ((out, state, metadata), (prototypes_path(out), prototypes, extra)):
+        replace_atomically(path, partial(_save_safetensors, _plain(tensors), metadata=meta))
     return out, prototypes_path(out)
+
+
+def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file`` (imported here: only an export needs the library)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def load_exported_backbone(path: str | os.PathLike[str]) -> nn.Module:

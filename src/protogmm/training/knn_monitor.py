@@ -81,7 +81,10 @@ class KNNMonitor(L.Callback):
         return False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.baselines or trainer.global_step > 0:
+        # Not when resuming (the step counter is restored only after this hook, so it reads 0):
+        # the encoder holds trained weights by now, and the baselines of the run's start
+        # were restored with this callback's state (none, if they did not fit the budget).
+        if self.baselines or trainer.global_step > 0 or trainer.ckpt_path is not None:
             return
         encoder = pl_module.teacher["backbone"]
         datamodule = trainer.datamodule
@@ -96,7 +99,7 @@ class KNNMonitor(L.Callback):
             for name, accuracy in measured.items()
             for suffix, key in (("", "k20"), ("_k200", "k200"))
         }
-        for logger in trainer.loggers:
+        for logger in trainer.loggers if self.baselines else ():  # an empty row says nothing
             logger.log_metrics(self.baselines, step=0)
         if trainer.is_global_zero and long_tailed_data(datamodule):
             # Per-group baselines for the run report (rank 0 writes it), measured before

@@ -3,17 +3,20 @@
 :func:`check_resume_compatible` compares a checkpoint with the run about to resume from it,
 before any step: another configuration (K, d, host, prototype kind, ...), another optimizer
 layout or, mid-epoch, another process layout is refused; settings that may differ are
-returned as notes.
+returned as notes. Those include the trainer's: every checkpoint holds the schedules'
+horizon and the trainer settings behind it (:func:`schedule_record`, written by the run
+report), so a resume with another ``max_steps`` says the schedules change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protogmm.hosts import Host
 from protogmm.prototypes.kinds import PrototypeKind
@@ -26,6 +29,9 @@ from protogmm.training.legacy_hparams import (
     upgrade_data_hparams,
     upgrade_model_hparams,
 )
+
+if TYPE_CHECKING:
+    import lightning as L
 
 #: Model settings that define the checkpoint's state layout or the method itself. A resumed
 #: run must have the checkpoint's values (compared when both sides have the key). The host
@@ -49,6 +55,101 @@ STRUCTURAL_KEYS = (
     "host.num_patch_prototypes",
     "optimizer",  # its saved state (moments, momentum buffers) loads only into its own kind
 )
+
+
+#: The checkpoint entry of :func:`schedule_record` (absent from checkpoints of before it).
+SCHEDULE_KEY = "protogmm_schedule"
+
+#: Trainer settings that change what a step computes; changed on resume, they are a note.
+#: The loop limits (``max_epochs``, ``max_steps``) are compared through the schedules'
+#: horizon instead: a run that only stops elsewhere is still an exact continuation.
+TRAINER_RESULT_KEYS = (
+    "accumulate_grad_batches",
+    "limit_train_batches",
+    "precision",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+)
+
+
+def trainer_settings(trainer: L.Trainer) -> dict[str, Any]:
+    """The trainer settings a resume compares, as plain values (read before any step).
+
+    ``max_epochs`` as Lightning resolves it at fit (unset: 1000, or -1 under ``max_steps``).
+    """
+    max_steps = int(trainer.max_steps)
+    max_epochs = trainer.max_epochs
+    if max_epochs is None:
+        max_epochs = 1000 if max_steps == -1 else -1
+    # An enum: stored as its plain string (weights_only=True could not read the enum back).
+    algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm)
+    return {
+        "max_epochs": int(max_epochs),
+        "max_steps": max_steps,
+        "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+        "limit_train_batches": trainer.limit_train_batches,
+        "precision": str(trainer.precision),
+        "gradient_clip_val": trainer.gradient_clip_val,
+        "gradient_clip_algorithm": None if algorithm is None else str(algorithm),
+    }
+
+
+def schedule_record(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """What a checkpoint stores under :data:`SCHEDULE_KEY`: :func:`trainer_settings`, the
+    schedules' ``horizon`` in optimizer steps and the ``training_batches`` of an epoch."""
+    record = trainer_settings(trainer)
+    batches = trainer.num_training_batches
+    record["training_batches"] = int(batches) if math.isfinite(batches) else None
+    record["horizon"] = None
+    with contextlib.suppress(Exception):  # advisory: a save must never fail over it
+        record["horizon"] = int(pl_module.schedule_horizon())
+    return record
+
+
+def _horizon(record: Mapping[str, Any], settings: Mapping[str, Any]) -> int | None:
+    """The schedules' horizon that ``settings`` give the checkpoint's data, as Lightning's
+    ``estimated_stepping_batches`` computes it (None: it cannot be told before the fit)."""
+    batches = record.get("training_batches")
+    limit = settings["limit_train_batches"]
+    if batches is None or not _same(record.get("limit_train_batches"), limit):
+        return None  # another limit: the new epoch's batches are known only to the fit
+    max_steps, max_epochs = settings["max_steps"], settings["max_epochs"]
+    if max_epochs == -1:
+        return None if max_steps == -1 else max_steps
+    steps = math.ceil(batches / settings["accumulate_grad_batches"]) * max(max_epochs, 1)
+    return steps if max_steps == -1 else min(steps, max_steps)
+
+
+def _trainer_notes(
+    record: Any, settings: Mapping[str, Any], saved: Mapping[str, Any], model: Mapping[str, Any]
+) -> list[str]:
+    """Notes on trainer settings that make a resume no exact continuation (none for a
+    checkpoint of before :data:`SCHEDULE_KEY`: nothing to compare against)."""
+    if not isinstance(record, Mapping):
+        return []
+    notes = [
+        f"trainer.{key}: {record[key]!r} -> {settings[key]!r}"
+        for key in TRAINER_RESULT_KEYS
+        if key in record and not _same(record[key], settings[key])
+    ]
+    before = record.get("horizon")
+    if before is None or {saved.get("schedule_steps"), model.get("schedule_steps")} != {None}:
+        return notes  # the schedules span model.schedule_steps: compared as a model setting
+    after = _horizon(record, settings)
+    if after == before:
+        return notes  # e.g. max_steps past the end of max_epochs: the same schedules
+    limits = ", ".join(
+        f"trainer.{key}: {record[key]!r} -> {settings[key]!r}"
+        for key in ("max_epochs", "max_steps")
+        if key in record and not _same(record[key], settings[key])
+    )
+    span = f"{after} steps instead of {before}" if after is not None else f"not {before} steps"
+    notes.append(
+        f"{limits or 'trainer settings'}: the schedules (lr, weight decay, teacher momentum) "
+        f"span {span} (--model.schedule_steps {before} keeps them, at their final values past "
+        f"step {before}; set model.schedule_steps to the final length for runs to be extended)"
+    )
+    return notes
 
 
 def comparable_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,6 +206,7 @@ def check_resume_compatible(
     model_hparams: Mapping[str, Any],
     data_hparams: Mapping[str, Any] | None,
     world_size: int,
+    trainer: L.Trainer | None = None,
 ) -> list[str]:
     """Check a checkpoint against the run about to resume from it, before any step.
 
@@ -113,6 +215,11 @@ def check_resume_compatible(
         model_hparams: the new run's model hyperparameters.
         data_hparams: the new run's data-module hyperparameters (None: not checked).
         world_size: processes of the new run (devices x nodes).
+        trainer: the new run's trainer, not yet fitted (None: its settings are not
+            checked). Settings that change the schedules' horizon (``max_steps``,
+            ``max_epochs``, ``accumulate_grad_batches``) or what a step computes
+            (:data:`TRAINER_RESULT_KEYS`) are notes, against the checkpoint's
+            :func:`schedule_record`.
 
     Returns:
         Notes on settings that differ but may (the run then is not an exact continuation),
@@ -137,11 +244,16 @@ def check_resume_compatible(
                 f"{model_hparams[key]!r} in this run"
             )
     _check_optimizer_layout(path, saved, model_hparams)
+    record = checkpoint.get(SCHEDULE_KEY)
     notes = [
         f"model.{key}: {saved[key]!r} -> {model_hparams[key]!r}"
         for key in sorted(set(saved) & set(model_hparams))
-        if key not in STRUCTURAL_KEYS and not _same(saved[key], model_hparams[key])
+        if key not in STRUCTURAL_KEYS
+        and not _same(saved[key], model_hparams[key])
+        and not _keeps_the_schedules(key, saved, model_hparams, record)
     ]
+    if trainer is not None:
+        notes += _trainer_notes(record, trainer_settings(trainer), saved, model_hparams)
     saved_data = comparable_data_settings(checkpoint.get("datamodule_hyper_parameters") or {})
     if data_hparams is not None:
         data_hparams = comparable_data_settings(data_hparams)
@@ -164,6 +276,20 @@ def check_resume_compatible(
     elif saved_world != world_size:
         notes.append(f"processes: {saved_world} -> {world_size}")
     return notes
+
+
+def _keeps_the_schedules(
+    key: str, saved: Mapping[str, Any], model: Mapping[str, Any], record: Any
+) -> bool:
+    """Whether ``key`` is a ``schedule_steps`` newly set to the horizon the checkpoint's
+    schedules spanned: the same schedules, not a change (what the horizon note advises)."""
+    return (
+        key == "schedule_steps"
+        and saved.get(key) is None
+        and isinstance(record, Mapping)
+        and record.get("horizon") is not None
+        and model.get(key) == record["horizon"]
+    )
 
 
 def _check_optimizer_layout(

@@ -12,6 +12,9 @@ A fit writes into one folder (``trainer.default_root_dir``): ``config.yaml``, ``
   are removed first, so the folder never mixes two runs).
 * :func:`resolve_checkpoint` turns ``--ckpt_path last|best`` into the file in the folder,
   so the resume checks run on it like on any other path.
+
+The refusals name the options of the command that claims the folder (:class:`FolderOptions`:
+``fit``'s by default, ``demo`` has its own).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -29,7 +33,9 @@ from protogmm.training.reliability import process_alive
 from protogmm.training.run_logger import TENSORBOARD_EVENTS
 
 __all__ = [
+    "FIT_OPTIONS",
     "RUN_FILES",
+    "FolderOptions",
     "RunFolderLock",
     "claim_run_folder",
     "holds_a_run",
@@ -51,6 +57,27 @@ LOCK_NAME = ".protogmm.lock"
 #: An unreadable lock younger than this is being written by its owner, not stale.
 _HALF_WRITTEN_SECONDS = 10.0
 _BEST = re.compile(r"^best-knn-epoch=(\d+)-top1=([0-9.]+)\.ckpt$")
+
+
+@dataclass(frozen=True)
+class FolderOptions:
+    """The options of the command claiming a run folder, as its refusals name them.
+
+    Attributes:
+        elsewhere: the option that writes the run into another folder.
+        overwrite: the option (with its value, if it takes one) that replaces the run the
+            folder holds.
+        resume: the option that resumes a run from a checkpoint, or None where the command
+            cannot resume.
+    """
+
+    elsewhere: str = "--trainer.default_root_dir"
+    overwrite: str = "--overwrite true"
+    resume: str | None = "--ckpt_path"
+
+
+#: ``protogmm fit``'s options.
+FIT_OPTIONS = FolderOptions()
 
 
 def holds_a_run(folder: Path) -> bool:
@@ -89,7 +116,10 @@ def _writable_folder(folder: Path) -> None:
 
 
 def claim_run_folder(
-    folder: str | os.PathLike[str], ckpt_path: str | None, overwrite: bool
+    folder: str | os.PathLike[str],
+    ckpt_path: str | None,
+    overwrite: bool,
+    options: FolderOptions = FIT_OPTIONS,
 ) -> RunFolderLock:
     """Make ``folder`` ready for a fit and claim it, before any file of the run is written.
 
@@ -102,6 +132,7 @@ def claim_run_folder(
         folder: the run folder (``trainer.default_root_dir``).
         ckpt_path: the checkpoint the run resumes from (a resolved path), or None.
         overwrite: replace a run the folder holds.
+        options: the command's options that the refusals name.
 
     Returns:
         The held lock: release it when the fit ends.
@@ -112,26 +143,30 @@ def claim_run_folder(
     """
     folder = Path(folder)
     _writable_folder(folder)
-    lock = RunFolderLock(folder)
+    lock = RunFolderLock(folder, options)
     lock.acquire()
     try:
-        _replace_or_refuse(folder, ckpt_path, overwrite)
+        _replace_or_refuse(folder, ckpt_path, overwrite, options)
     except BaseException:
         lock.release()
         raise
     return lock
 
 
-def _replace_or_refuse(folder: Path, ckpt_path: str | None, overwrite: bool) -> None:
+def _replace_or_refuse(
+    folder: Path, ckpt_path: str | None, overwrite: bool, options: FolderOptions
+) -> None:
     if not holds_a_run(folder):
         return
     if ckpt_path is not None and _inside(Path(ckpt_path), folder):
         return  # resuming this folder's own run: it goes on in place
     if not overwrite:
-        resume = f"--ckpt_path {folder / 'checkpoints' / 'last.ckpt'}"
+        resume = ""
+        if options.resume is not None:
+            resume = f"resume it ({options.resume} {folder / 'checkpoints' / 'last.ckpt'}), "
         raise ValueError(
-            f"run folder {folder} holds a run already: resume it ({resume}), write elsewhere "
-            "(--trainer.default_root_dir), or replace it (--overwrite true)"
+            f"run folder {folder} holds a run already: {resume}write elsewhere "
+            f"({options.elsewhere}){',' if resume else ''} or replace it ({options.overwrite})"
         )
     for target in (path for name in RUN_FILES for path in folder.glob(name)):
         if target.is_dir() and not target.is_symlink():
@@ -185,10 +220,14 @@ class RunFolderLock:
 
     Args:
         folder: the run folder (must exist).
+        options: the claiming command's options, named when the folder is in use.
     """
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str], options: FolderOptions = FIT_OPTIONS
+    ) -> None:
         self.path = Path(folder) / LOCK_NAME
+        self._elsewhere = options.elsewhere
         self._held = False
 
     def acquire(self) -> None:
@@ -202,7 +241,7 @@ class RunFolderLock:
                 if holder is not None:
                     raise ValueError(
                         f"run folder {self.path.parent} is in use by another protogmm run "
-                        f"({holder}); wait for it, write elsewhere (--trainer.default_root_dir), "
+                        f"({holder}); wait for it, write elsewhere ({self._elsewhere}), "
                         f"or remove {self.path} if that process is not protogmm"
                     ) from None
                 self.path.unlink(missing_ok=True)

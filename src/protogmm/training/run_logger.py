@@ -5,8 +5,11 @@ after a crash (or kill -9) kept only the steps after its checkpoint. This writer
 existing rows instead, and at its first save writes them back (atomically: temporary file,
 then rename) followed by the new rows, dropping the old rows from the first new step on:
 those were logged after the checkpoint the run resumed from, and the resumed run logs them
-again. A fresh run into the same folder starts at step 0, so it replaces the old rows, as
-before.
+again. At the first new step itself (the checkpoint's step) an old row is dropped only if
+the resumed run logs one of its metrics there again: a measurement taken at that step
+before the checkpoint was written (the collapse monitor's, at the end of a run stopped by
+``max_steps``) is not repeated by the resumed run, and is kept. A fresh run into the same
+folder starts at step 0, so it replaces all the old rows, as before.
 """
 
 from __future__ import annotations
@@ -34,11 +37,25 @@ class HistoryKeepingWriter(ExperimentWriter):
         if self._previous_rows is None or not self.metrics:
             super().save()
             return
-        first_new_step = min(float(row["step"]) for row in self.metrics)
+        # A row with nothing but its step says nothing, and must not decide what is dropped.
+        logged = [row for row in self.metrics if _metric_names(row)] or self.metrics
+        first_new_step = min(float(row["step"]) for row in logged)
+        logged_again = set().union(
+            *(_metric_names(row) for row in logged if float(row["step"]) == first_new_step)
+        )
+        resumed = first_new_step > 0  # a fresh run (step 0) replaces every old row
         kept = [
             row
             for row in self._previous_rows
-            if row.get("step") not in (None, "") and float(row["step"]) < first_new_step
+            if row.get("step") not in (None, "")
+            and (
+                float(row["step"]) < first_new_step
+                or (
+                    resumed
+                    and float(row["step"]) == first_new_step
+                    and not _metric_names(row) & logged_again
+                )
+            )
         ]
         rows = kept + self.metrics
         self.metrics_keys = sorted(set().union(*rows))
@@ -50,6 +67,11 @@ class HistoryKeepingWriter(ExperimentWriter):
         os.replace(temporary, self.metrics_file_path)
         self._previous_rows = None
         self.metrics = []
+
+
+def _metric_names(row: dict[str, Any]) -> set[str]:
+    """The metrics a ``metrics.csv`` row holds a value of (not its step or epoch)."""
+    return {key for key, value in row.items() if value not in (None, "")} - {"step", "epoch"}
 
 
 #: TensorBoard's event files, written directly in the run folder (so ``tensorboard --logdir

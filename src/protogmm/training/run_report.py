@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import math
 import resource
 import sys
 import time
@@ -32,9 +32,12 @@ from protogmm.diagnostics import (
 )
 from protogmm.diagnostics.plots import plot_collapse_over_training
 from protogmm.evaluation import longtail_markdown
+from protogmm.training.atomic_io import write_text_atomically
 from protogmm.training.collapse_monitor import CollapseMonitor, eps_key
+from protogmm.training.data_position import is_mid_epoch, loader_position
 from protogmm.training.knn_monitor import KNNMonitor
 from protogmm.training.longtail_eval import long_tailed_data, teacher_long_tail
+from protogmm.training.resume_check import SCHEDULE_KEY, schedule_record
 
 data_log = logging.getLogger("protogmm.data")
 
@@ -47,24 +50,168 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-class RunReport(L.Callback):
-    """Times epochs and, at the end of fit, writes ``summary.json``, plots and ``report.md``."""
+class EpochTimer:
+    """Seconds of each epoch, across a resume: what ``seconds_per_epoch`` averages.
+
+    An epoch is timed from its first batch to its last. An epoch a run resumes in its middle
+    adds the seconds after the resume to those before the checkpoint (saved in it), not the
+    time in between: the seconds its batches took. Whole epochs (every batch ran, and was
+    timed) are averaged. An epoch cut short (``max_steps`` in its middle) or resumed from a
+    checkpoint that holds no seconds for its earlier batches (written before they were
+    saved) is partial: it counts only when no epoch ran whole (a run shorter than one
+    epoch), and :meth:`note` then says what the number covers.
+    """
 
     def __init__(self) -> None:
-        self.epoch_seconds: list[float] = []
-        self._epoch_start = 0.0
+        self.whole: list[float] = []
+        #: The epoch being timed: its number, seconds before the running stretch, batches
+        #: seen (the epoch's own batch index, restored on resume) and whether all were timed.
+        self.current: dict[str, Any] | None = None
+        #: The last partial epoch (as :attr:`current`, with ``of``: its batches in all).
+        self.partial: dict[str, Any] | None = None
+        self._since: float | None = None  # when the running stretch began (None: stopped)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_start = time.perf_counter()
+    def start_epoch(self, epoch: int) -> None:
+        """A new epoch: timed from now."""
+        self.current = {"epoch": epoch, "seconds": 0.0, "batches": 0, "from_start": True}
+        self._since = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
+    def start_run(self, epoch: int) -> None:
+        """A fit starts (fresh or resumed): the epoch in progress, if any, goes on from now.
+
+        Lightning calls no ``on_train_epoch_start`` for an epoch resumed in its middle (nor,
+        under ``max_steps``, for the first epoch after an end-of-epoch checkpoint): without
+        this, that epoch had no start time at all.
+        """
+        if self.current is None:
+            self.current = {"epoch": epoch, "seconds": 0.0, "batches": 0, "from_start": True}
+        self._since = time.perf_counter()
+
+    def batch_done(self, batch_idx: int) -> None:
+        """Counts the epoch's batches; a gap (batches before a resume, untimed) makes it partial."""
+        if self.current is None:
+            return
+        if batch_idx != self.current["batches"]:
+            self.current["from_start"] = False
+        self.current["batches"] = batch_idx + 1
+
+    def end_epoch(self, epoch: int, last_batch: bool, batches_per_epoch: float) -> None:
+        """The epoch ends: whole, partial, or (``max_steps`` in its middle) to be resumed."""
+        if self.current is None or self._since is None:
+            return
+        record = dict(self.current, epoch=epoch, seconds=self.seconds())
+        self._since = None
+        if last_batch and record["from_start"]:
+            self.whole.append(record["seconds"])
+        else:
+            of = int(batches_per_epoch) if math.isfinite(batches_per_epoch) else None
+            self.partial = dict(record, of=of)
+        # Cut short, the epoch stays open: a run resumed from here goes on timing it.
+        self.current = None if last_batch else record
+
+    def seconds(self) -> float:
+        """Seconds of the current epoch so far (0 if none)."""
+        if self.current is None:
+            return 0.0
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self.current["seconds"] + running
+
+    def seconds_per_epoch(self) -> float | None:
+        """The mean over whole epochs; with none, the last partial epoch's seconds."""
+        if self.whole:
+            return sum(self.whole) / len(self.whole)
+        return self.partial["seconds"] if self.partial else None
+
+    def note(self) -> str | None:
+        """What :meth:`seconds_per_epoch` covers when it is not a mean of whole epochs."""
+        if self.whole or not self.partial:
+            return None
+        epoch, batches, of = (self.partial[key] for key in ("epoch", "batches", "of"))
+        if not self.partial["from_start"]:
+            return (
+                f"epoch {epoch}: only its batches after the resume were timed (the "
+                "checkpoint holds no time for those before)"
+            )
+        return f"epoch {epoch} ran {batches} of {of or '?'} batches, no epoch ran whole"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_seconds": self.epoch_seconds}
+        """Plain values (``weights_only=True`` reads them); the running epoch's seconds so far."""
+        current = None if self.current is None else dict(self.current, seconds=self.seconds())
+        return {"epoch_seconds": self.whole, "epoch_in_progress": current, "partial": self.partial}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Either layout: a checkpoint of before :attr:`current` holds whole epochs only."""
+        self.whole = list(state.get("epoch_seconds", []))
+        self.current = state.get("epoch_in_progress")
+        self.partial = state.get("partial")
+        self._since = None
+
+
+class RunReport(L.Callback):
+    """Times epochs and, at the end of fit, writes ``summary.json``, plots and ``report.md``.
+
+    ``seconds_per_epoch`` is :class:`EpochTimer`'s: whole epochs, each timed across a
+    resume; a partial epoch only when none ran whole (``seconds_per_epoch_note`` says so).
+    Every checkpoint also gets the schedules' horizon and the trainer settings behind it
+    (:func:`~protogmm.training.resume_check.schedule_record`), which a resume compares.
+    """
+
+    def __init__(self) -> None:
+        self.timer = EpochTimer()
+        self._legacy_resume: tuple[int, bool] | None = None  # (epoch, mid-epoch) of an old state
+
+    @property
+    def epoch_seconds(self) -> list[float]:
+        """Seconds of each whole epoch."""
+        return self.timer.whole
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._legacy_resume is not None:
+            epoch, mid_epoch = self._legacy_resume
+            if mid_epoch:  # its times beyond the whole epochs: the stopped epoch's first part
+                del self.timer.whole[epoch:]
+            self._legacy_resume = None
+        self.timer.start_run(trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.timer.start_epoch(trainer.current_epoch)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.timer.batch_done(batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        self.timer.end_epoch(trainer.current_epoch, last_batch, trainer.num_training_batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.timer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
+        self.timer.load_state_dict(state_dict)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[SCHEDULE_KEY] = schedule_record(trainer, pl_module)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Before this callback's state is loaded, and before DataPosition takes the loader's
+        # position out of the checkpoint (this callback comes first). A state of before the
+        # epoch in progress was saved counted an epoch cut short by max_steps as whole.
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        if "epoch_in_progress" not in state:
+            position = loader_position(checkpoint)
+            mid_epoch = position is not None and is_mid_epoch(position)
+            self._legacy_resume = (int(checkpoint.get("epoch", 0)), mid_epoch)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The per-class counts of the training split, written before the first step so a
@@ -119,11 +266,11 @@ class RunReport(L.Callback):
             "num_prototypes": hp.num_prototypes,
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
-            "seconds_per_epoch": (
-                sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else None
-            ),
+            "seconds_per_epoch": self.timer.seconds_per_epoch(),
             "peak_memory_mb": peak_memory_mb(pl_module.device),
         }
+        if self.timer.note():
+            summary["seconds_per_epoch_note"] = self.timer.note()
         mixture = getattr(pl_module, "gmm", None)
         if mixture is not None:
             # Every mixture setting as resolved, defaults included: hparams.yaml holds only
@@ -231,19 +378,9 @@ def skipped_images(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str
     return datamodule.skipped_images()
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: never half a file.
-
-    UTF-8, with any lone surrogate (a file name that is not UTF-8) written as a ``\\udcff``
-    escape rather than failing; the temporary file is removed if anything fails.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8", errors="backslashreplace")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+def _count(number: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``, ``0 steps``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def render_report(
@@ -257,14 +394,17 @@ def render_report(
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
+    seconds = summary.get("seconds_per_epoch")
+    seconds_per_epoch = "n/a" if seconds is None else f"{seconds:.1f}"
+    if seconds is not None and summary.get("seconds_per_epoch_note"):
+        seconds_per_epoch += f" ({summary['seconds_per_epoch_note']})"
+
     lines = [
         f"# protogmm run: {summary['prototypes']} prototypes",
         "",
         f"- backbone `{summary['backbone']}`, K = {summary['num_prototypes']}, "
-        f"{summary['epochs']} epochs, {summary['steps']} steps",
-        f"- seconds per epoch: {summary['seconds_per_epoch']:.1f}"
-        if summary.get("seconds_per_epoch")
-        else "- seconds per epoch: n/a",
+        f"{_count(summary['epochs'], 'epoch')}, {_count(summary['steps'], 'step')}",
+        f"- seconds per epoch: {seconds_per_epoch}",
         f"- peak memory: {summary['peak_memory_mb']:.0f} MB",
         "",
         "| k-NN top-1 (k=20, T=0.07) | trained | untrained encoder | raw pixels |",
