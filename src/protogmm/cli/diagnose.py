@@ -186,6 +186,8 @@ def usage_table(
     accumulator = UsageAccumulator(module.hparams.num_prototypes)
     # The host's teacher temperature (CARP: its block softmax's), as the targets use it.
     tau = getattr(module.host, "teacher_temperature", None) or module.host.temperature
+    # Decoupled: the mixture's own usage (its posterior), not the targets' softmax.
+    measured = "mixture posterior" if module.gmm is not None else "softmax of scores / τ"
     with torch.no_grad():
         for chunk in embeddings.split(USAGE_CHUNK):
             if module.gmm is not None:
@@ -195,7 +197,12 @@ def usage_table(
             accumulator.update(probs)
     usage = accumulator.compute()
     usage_text = markdown_table(
-        ["usage on " + dataset, "ever chosen", "effective number exp(H)", "mean sample H"],
+        [
+            f"usage on {dataset} ({measured})",
+            "ever chosen",
+            "effective number exp(H)",
+            "mean sample H",
+        ],
         [
             [
                 "held-out split",
