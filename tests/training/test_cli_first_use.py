@@ -214,3 +214,21 @@ def test_fit_help_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     # Before: "usage: protogmm [-c CONFIG] ..." (the program's name without the command).
     assert main(["fit", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: protogmm fit [-c CONFIG]")
+
+
+# ------------------------------------------- --print_config checks the values it prints
+def test_print_config_refuses_a_value_out_of_range_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    root = f"--trainer.default_root_dir={run_dir}"
+    assert main(["fit", f"{GMM}.eta", "5", root, "--print_config"]) == 2
+    assert error_lines(capsys) == [
+        "protogmm fit: error: model.prototypes.gmm.eta must be in (0.0, 1.0], got 5.0"
+    ]
+    assert capsys.readouterr().out == ""
+    assert main(["fit", f"{GMM}.eta", "0.5", root, "--print_config"]) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["model"]["prototypes"]["init_args"]["gmm"]["eta"] == 0.5
+    assert captured.err.strip() == ""  # no banner: the trainer was built, not started
+    assert not run_dir.exists()

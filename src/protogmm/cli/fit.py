@@ -272,6 +272,11 @@ def run_fit(args: list[str]) -> int:
     _check_config_files(args)
     # The flat --data.* keys of before the groups (documented commands, old scripts) still run.
     args = upgrade_data_argv(_nested_nulls(_class_names(args)))
+    printing = [arg for arg in args if arg.split("=", 1)[0] == "--print_config"]
+    if printing and "--help" not in args and "-h" not in args:
+        # jsonargparse prints before any class is built, so a value out of range would
+        # print as if fine: build model, data and trainer first (no step, nothing written).
+        _build_cli([arg for arg in args if arg not in printing])
     cli = _build_cli(args)
     if cli is None:
         return 0
