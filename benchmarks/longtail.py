@@ -19,7 +19,10 @@ seeds): k-NN (k = 20, T = 0.07) and linear-probe accuracy of the trained teacher
 beside the untrained encoder and raw pixels, and the number of distinct prototypes the
 group's training images are assigned to (argmax of the teacher's cosine scores), raw, per
 class and per 100 images; then unique prototypes (Definition 2.1) at ε = 0.025 / 0.1 /
-0.25 / 0.5 at the end of training.
+0.25 / 0.5 at the end of training. The diversity is measured again from each run's
+checkpoint with today's measure (the teacher's BatchNorm on batch statistics, as in
+training: :func:`protogmm.training.longtail_eval.teacher_prototype_diversity`), so reused
+runs read as new ones; the accuracies are those of the run's ``summary.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from typing import Any
 
 from protogmm.evaluation import GROUPS
 from protogmm.reports import markdown_table
+from protogmm.training.checkpoints import load_module
+from protogmm.training.datamodule import datamodule_from_checkpoint
+from protogmm.training.longtail_eval import teacher_prototype_diversity
 
 from ._common import (
     command_line,
@@ -87,6 +93,14 @@ def diversity_table(runs: dict[str, list[dict[str, Any]]], num_prototypes: int) 
                 + [stat([d[g][measure] for d in diversity], scale, digits) for g in ROWS]
             )
     return markdown_table(["prototypes", "measure", *ROWS], rows)
+
+
+def diversity_now(run_dir: Path) -> dict[str, Any]:
+    """The run's prototype diversity per group by today's measure, from its checkpoint."""
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    return teacher_prototype_diversity(
+        load_module(checkpoint), datamodule_from_checkpoint(checkpoint)
+    )
 
 
 def unique_table(runs: dict[str, list[dict[str, Any]]]) -> str:
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             if "longtail" not in summary:
                 raise SystemExit(f"{run_dir}: no long-tail analysis in summary.json")
             summary["class_counts"] = json.loads((run_dir / "class_counts.json").read_text())
+            summary["longtail"]["results"]["trained"]["prototypes"] = diversity_now(run_dir)
             runs[kind].append(summary)
 
     first = runs["joint"][0]

@@ -49,3 +49,30 @@ def test_diagnose_names_a_bad_eps_before_reading_anything(
         captured.err.strip()
         == f"protogmm diagnose: error: --eps {float(eps):g}: each ε must be in (0, 2]"
     )
+
+
+def test_long_tail_diversity_assigns_with_the_teachers_batch_statistics(
+    tiny_run: Callable[[str], Path],
+) -> None:
+    import torch
+
+    from protogmm.evaluation import prototype_diversity
+    from protogmm.evaluation.features import extract_features
+    from protogmm.training.checkpoints import load_module
+    from protogmm.training.datamodule import datamodule_from_checkpoint
+    from protogmm.training.longtail_eval import teacher_prototype_diversity
+
+    checkpoint = tiny_run("decoupled") / "checkpoints" / "last.ckpt"
+    module, data = load_module(checkpoint), datamodule_from_checkpoint(checkpoint)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    measured = teacher_prototype_diversity(module, data)
+    # The running statistics (and everything else) are left as they were.
+    after = module.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in before.items())
+    # Reference: the whole teacher on the training split, each batch normalised by itself.
+    train_loader, _ = data.knn_dataloaders()
+    teacher = torch.nn.Sequential(module.teacher["backbone"], module.teacher["head"])
+    embeddings, labels = extract_features(teacher, train_loader, batch_statistics=True)
+    with torch.no_grad():
+        assignments = module.teacher_prototype_set()(embeddings).argmax(dim=1)
+    assert measured == prototype_diversity(assignments, labels, data.frequency_groups())

@@ -68,19 +68,31 @@ def teacher_long_tail(
             linear_epochs=linear_epochs,
         )
         if with_prototypes and module.prototypes_fitted():
-            teacher = torch.nn.Sequential(module.teacher["backbone"], module.teacher["head"])
-            embeddings, labels = extract_features(
-                teacher, train_loader, module.device, batch_statistics=True
-            )
-            prototypes = module.teacher_prototype_set()
-            assignments = torch.cat(
-                [
-                    prototypes(chunk.to(module.device)).argmax(dim=1).cpu()
-                    for chunk in embeddings.split(1024)
-                ]
-            )
-            result["prototypes"] = prototype_diversity(assignments, labels, groups)
+            result["prototypes"] = teacher_prototype_diversity(module, datamodule)
     return result
+
+
+def teacher_prototype_diversity(module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
+    """Distinct prototypes the training images of each frequency group are assigned to.
+
+    A sample's prototype is the argmax of the teacher's cosine scores of its embedding,
+    embedded with the teacher's BatchNorm layers on batch statistics as in training
+    (:func:`~protogmm.evaluation.prototype_diversity` gives the measures).
+    """
+    train_loader, _ = datamodule.knn_dataloaders()
+    teacher = torch.nn.Sequential(module.teacher["backbone"], module.teacher["head"])
+    with evaluating(module):
+        embeddings, labels = extract_features(
+            teacher, train_loader, module.device, batch_statistics=True
+        )
+        prototypes = module.teacher_prototype_set()
+        assignments = torch.cat(
+            [
+                prototypes(chunk.to(module.device)).argmax(dim=1).cpu()
+                for chunk in embeddings.split(1024)
+            ]
+        )
+    return prototype_diversity(assignments, labels, datamodule.frequency_groups())
 
 
 def pixels_long_tail(
