@@ -76,3 +76,14 @@ def test_long_tail_diversity_assigns_with_the_teachers_batch_statistics(
     with torch.no_grad():
         assignments = module.teacher_prototype_set()(embeddings).argmax(dim=1)
     assert measured == prototype_diversity(assignments, labels, data.frequency_groups())
+
+
+def test_eval_at_another_image_size_says_so_and_runs(
+    tiny_run: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = _checkpoint(tiny_run)  # trained at 16 px
+    argv = ["eval", "knn", checkpoint, "--data", "checkpoint", "--data.image_size", "20"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"note: {checkpoint} was trained at 16 px, the data gives 20 px"
+    assert "| trained |" in captured.out
