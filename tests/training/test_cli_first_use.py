@@ -230,5 +230,5 @@ def test_print_config_refuses_a_value_out_of_range_and_writes_nothing(
     assert main(["fit", f"{GMM}.eta", "0.5", root, "--print_config"]) == 0
     captured = capsys.readouterr()
     assert yaml.safe_load(captured.out)["model"]["prototypes"]["init_args"]["gmm"]["eta"] == 0.5
-    assert captured.err.strip() == ""  # no banner: the trainer was built, not started
+    assert captured.err.strip() == ""  # no banner: no trainer is built to check
     assert not run_dir.exists()

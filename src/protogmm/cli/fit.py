@@ -131,15 +131,7 @@ class ProtoCLI(LightningCLI):
             # against any of the Union subtypes" with every setting of the class, naming a
             # mixture option bare (``eta``); built by its own class, the option names its
             # full key, its range and the value in one line.
-            for option, base in _CLASS_OPTIONS.items():
-                value = self.config.get(option)
-                if isinstance(value, Namespace):
-                    try:
-                        with warnings.catch_warnings():  # the build below warns again
-                            warnings.simplefilter("ignore")
-                            base.build(value.as_dict(), option)
-                    except ValueError as error:
-                        raise ConfigError(" ".join(str(error).split())) from None
+            _build_class_options(self.config)
             raise
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -217,7 +209,43 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _build_cli(args: list[str]) -> ProtoCLI | None:
+def _build_class_options(config: Namespace) -> None:
+    """Build the host and the prototype kind from their options.
+
+    Raises:
+        ConfigError: an option out of its range, named by its full key, on one line.
+    """
+    for option, base in _CLASS_OPTIONS.items():
+        value = config.get(option)
+        if isinstance(value, Namespace):
+            try:
+                with warnings.catch_warnings():  # the model's own build warns
+                    warnings.simplefilter("ignore")
+                    base.build(value.as_dict(), option)
+            except ValueError as error:
+                raise ConfigError(" ".join(str(error).split())) from None
+
+
+class _ConfigCheckCLI(ProtoCLI):
+    """Builds the host and the prototype kind only: what ``--print_config`` checks before
+    printing (the parser checks types, not ranges). Not the data module, which looks for its
+    files, nor the trainer, which looks for its devices: a cluster's recipe printed on a
+    laptop has neither."""
+
+    def before_instantiate_classes(self) -> None:
+        """No launch layout to check and no logger: nothing runs."""
+
+    def instantiate_classes(self) -> None:
+        """The host and the prototype kind alone, from their options: the data module would
+        look for its files, which need not be on the machine that prints the config."""
+        _build_class_options(self.config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """No trainer."""
+        return None
+
+
+def _build_cli(args: list[str], cli_class: type[ProtoCLI] = ProtoCLI) -> ProtoCLI | None:
     """Parse and build model, data and trainer; None after ``--help`` / ``--print_config``.
 
     Raises:
@@ -228,7 +256,7 @@ def _build_cli(args: list[str]) -> ProtoCLI | None:
         # Parsing and building print argparse's usage on error; keep only its message.
         seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
         with contextlib.redirect_stderr(captured), _quiet(seed_logger):
-            return ProtoCLI(
+            return cli_class(
                 PrototypicalSSL,
                 SSLDataModule,
                 args=args,
@@ -275,8 +303,8 @@ def run_fit(args: list[str]) -> int:
     printing = [arg for arg in args if arg.split("=", 1)[0] == "--print_config"]
     if printing and "--help" not in args and "-h" not in args:
         # jsonargparse prints before any class is built, so a value out of range would
-        # print as if fine: build model, data and trainer first (no step, nothing written).
-        _build_cli([arg for arg in args if arg not in printing])
+        # print as if fine: build the host and the prototype kind first (nothing written).
+        _build_cli([arg for arg in args if arg not in printing], _ConfigCheckCLI)
     cli = _build_cli(args)
     if cli is None:
         return 0
