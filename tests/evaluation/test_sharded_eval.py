@@ -25,6 +25,7 @@ DATA = [
 ]
 
 
+@pytest.mark.xdist_group("multiprocess")  # one launch at a time (see tests/training/test_ddp.py)
 @pytest.mark.parametrize(
     ("command", "kind", "lines"),
     [

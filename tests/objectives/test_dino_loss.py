@@ -260,6 +260,7 @@ def _center_worker(rank: int, world_size: int, init_file: str, out_file: str) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.xdist_group("multiprocess")  # one launch at a time (tests/training/test_ddp.py)
 def test_center_update_is_all_reduced(tmp_path) -> None:
     import torch.multiprocessing as mp
 

@@ -193,6 +193,7 @@ def truncated_mixture(state: dict[str, torch.Tensor]) -> OnlineGMM:
     return gmm
 
 
+@pytest.mark.xdist_group("multiprocess")  # one launch at a time (tests/training/test_ddp.py)
 def test_two_ranks_fit_the_truncated_mixture_one_process_fits(tmp_path) -> None:
     """Under DDP the candidates' statistics are all-reduced as dense statistics, and split
     and merge gathers every rank's candidates: the same mixture as one process."""

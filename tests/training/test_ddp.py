@@ -42,6 +42,10 @@ from protogmm.training.distributed import DistributedRun, synchronised_state
 from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteGuard, read_checkpoint
 
+# Multi-process launches run one at a time on one xdist worker (pyproject's --dist
+# loadgroup): two launches at once on two cores compete for free ports and CPU.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 WORLD = 2
 PER_RANK = 8  # images per rank and step
 STEPS = 3
