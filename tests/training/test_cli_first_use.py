@@ -232,3 +232,19 @@ def test_print_config_refuses_a_value_out_of_range_and_writes_nothing(
     assert yaml.safe_load(captured.out)["model"]["prototypes"]["init_args"]["gmm"]["eta"] == 0.5
     assert captured.err.strip() == ""  # no banner: no trainer is built to check
     assert not run_dir.exists()
+
+
+def test_a_trainer_built_for_the_demo_holds_lightnings_lines_until_training_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from protogmm.training.runner import TrainingStartLines, build_trainer
+
+    with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
+        trainer = build_trainer(tmp_path / "run", max_epochs=1, enable_progress_bar=False)
+    assert not [r for r in caplog.records if "available" in r.getMessage()]
+    banner = next(c for c in trainer.callbacks if isinstance(c, TrainingStartLines))
+    with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
+        banner.on_train_start(trainer, None)  # type: ignore[arg-type]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("GPU available:") for m in messages)
+    assert not any(m.startswith("💡") for m in messages)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from protogmm.cli.compare import read_run, run_compare
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     sys.argv = sys.argv[:1]  # the sub-command parsers get argv explicitly
+    # Lightning's pytree helper builds torch's LeafSpec, which this torch marks deprecated:
+    # a line about Lightning's internals in every run that no user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ValueError, OSError) as error:

@@ -37,7 +37,7 @@ from protogmm.training.module import PrototypicalSSL
 from protogmm.training.reliability import NonFiniteError, check_resume_compatible
 from protogmm.training.run_folder import claim_run_folder, resolve_checkpoint
 from protogmm.training.run_logger import run_loggers
-from protogmm.training.runner import run_callbacks, with_atomic_checkpoints
+from protogmm.training.runner import TrainingStartLines, run_callbacks, with_atomic_checkpoints
 
 #: The shipped YAML configs; ``default.yaml`` is every fit's first config file.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -141,7 +141,7 @@ class ProtoCLI(LightningCLI):
             **kwargs: LightningCLI's trainer arguments.
         """
         # The run's callbacks depend on fit options; checkpoints are written atomically.
-        banner = _TrainingStartLines()
+        banner = TrainingStartLines()
         self.trainer_defaults["callbacks"] = [
             *run_callbacks(
                 **{
@@ -156,46 +156,6 @@ class ProtoCLI(LightningCLI):
         kwargs["plugins"] = with_atomic_checkpoints(plugins)
         with banner.holding():
             return super().instantiate_trainer(**kwargs)
-
-
-class _TrainingStartLines(L.Callback):
-    """Lightning's INFO lines of building the trainer ("GPU available: ...", "TPU available:
-    ..."), held back and logged when training starts.
-
-    An error found between building the trainer and the first step (a corrupt
-    ``--ckpt_path``, an unreadable image, a run folder already in use) is then the only line
-    on stderr; Lightning's tips about its cloud services are dropped.
-    """
-
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Hold back the INFO lines Lightning logs meanwhile (warnings pass)."""
-        _LIGHTNING_INFO.addFilter(self._hold)
-        try:
-            yield
-        finally:
-            _LIGHTNING_INFO.removeFilter(self._hold)
-
-    def _hold(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        message = record.getMessage()
-        if not message.startswith("💡"):
-            self._lines.append(message)
-        return False
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Log the held lines (once)."""
-        for line in self._lines:
-            _LIGHTNING_INFO.info(line)
-        self._lines.clear()
-
-
-#: The logger of Lightning's ``rank_zero_info`` lines (rank 0 only).
-_LIGHTNING_INFO = logging.getLogger("lightning.pytorch.utilities.rank_zero")
 
 
 @contextlib.contextmanager

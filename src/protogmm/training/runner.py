@@ -10,7 +10,10 @@ DDP bookkeeping (:class:`~protogmm.training.distributed.DistributedRun`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +119,51 @@ def build_trainer(run_dir: str | Path, **trainer_kwargs: Any) -> L.Trainer:
     trainer_kwargs.setdefault("log_every_n_steps", 1)
     trainer_kwargs.setdefault("num_sanity_val_steps", 0)
     trainer_kwargs["plugins"] = with_atomic_checkpoints(trainer_kwargs.get("plugins"))
-    return L.Trainer(
-        default_root_dir=str(run_dir),
-        logger=run_logger(run_dir),
-        callbacks=callbacks + list(trainer_kwargs.pop("callbacks", [])),
-        **trainer_kwargs,
-    )
+    banner = TrainingStartLines()
+    with banner.holding():
+        return L.Trainer(
+            default_root_dir=str(run_dir),
+            logger=run_logger(run_dir),
+            callbacks=[*callbacks, *trainer_kwargs.pop("callbacks", []), banner],
+            **trainer_kwargs,
+        )
+
+
+class TrainingStartLines(L.Callback):
+    """Lightning's INFO lines of building the trainer ("GPU available: ...", "TPU available:
+    ..."), held back and logged when training starts.
+
+    An error found between building the trainer and the first step (a corrupt
+    ``--ckpt_path``, an unreadable image, a run folder already in use) is then the only line
+    on stderr; Lightning's tips about its cloud services are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold back the INFO lines Lightning logs meanwhile (warnings pass)."""
+        _LIGHTNING_INFO.addFilter(self._hold)
+        try:
+            yield
+        finally:
+            _LIGHTNING_INFO.removeFilter(self._hold)
+
+    def _hold(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        message = record.getMessage()
+        if not message.startswith("💡"):
+            self._lines.append(message)
+        return False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the held lines (once)."""
+        for line in self._lines:
+            _LIGHTNING_INFO.info(line)
+        self._lines.clear()
+
+
+#: The logger of Lightning's ``rank_zero_info`` lines (rank 0 only).
+_LIGHTNING_INFO = logging.getLogger("lightning.pytorch.utilities.rank_zero")
