@@ -28,10 +28,8 @@ import statistics
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from protogmm.diagnostics import data_reference_curve, unique_prototype_curve
-from protogmm.evaluation.features import extract_features
 from protogmm.reports import markdown_table
 from protogmm.training.checkpoints import load_module
 from protogmm.training.datamodule import datamodule_from_checkpoint
@@ -72,8 +70,7 @@ def measure(run_dir: Path) -> dict[str, list[float] | float]:
     module = load_module(checkpoint)
     data = datamodule_from_checkpoint(checkpoint)
     train_loader, _ = data.knn_dataloaders()
-    teacher = nn.Sequential(module.teacher["backbone"], module.teacher["head"])
-    embeddings, _ = extract_features(teacher, train_loader, batch_statistics=True)
+    embeddings, _ = module.teacher_embeddings(train_loader)
     prototypes = module.teacher_prototype_set().prototypes().detach()
     with torch.no_grad():
         choice = torch.cat(

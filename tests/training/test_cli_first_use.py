@@ -227,6 +227,8 @@ def test_print_config_refuses_a_value_out_of_range_and_writes_nothing(
         "protogmm fit: error: model.prototypes.gmm.eta must be in (0.0, 1.0], got 5.0"
     ]
     assert capsys.readouterr().out == ""
+    assert main(["fit", f"{GMM}.eta", "5", root, "--print_config=skip_null"]) == 2
+    assert len(error_lines(capsys)) == 1
     assert main(["fit", f"{GMM}.eta", "0.5", root, "--print_config"]) == 0
     captured = capsys.readouterr()
     assert yaml.safe_load(captured.out)["model"]["prototypes"]["init_args"]["gmm"]["eta"] == 0.5

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from protogmm.cli.command_line import ConfigError
 from protogmm.cli.data_arguments import command_parser, parse_command
@@ -23,7 +22,6 @@ from protogmm.diagnostics import (
     prototype_angles,
     unique_prototype_curve,
 )
-from protogmm.evaluation.features import extract_features_sharded
 from protogmm.evaluation.longtail import longtail_markdown
 from protogmm.reports import markdown_table
 from protogmm.training.callbacks import pixels_long_tail, teacher_long_tail
@@ -180,8 +178,7 @@ def usage_table(
     """
     dataset = data.hparams.dataset
     _, test_loader = data.knn_dataloaders()
-    teacher = nn.Sequential(module.teacher["backbone"], module.teacher["head"]).to(device)
-    embeddings, _ = extract_features_sharded(teacher, test_loader, device, batch_statistics=True)
+    embeddings, _ = module.to(device).teacher_embeddings(test_loader, sharded=True)
     module.cpu()
     accumulator = UsageAccumulator(module.hparams.num_prototypes)
     # The host's teacher temperature (CARP: its block softmax's), as the targets use it.

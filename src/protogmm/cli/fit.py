@@ -260,6 +260,7 @@ def run_fit(args: list[str]) -> int:
     _check_config_files(args)
     # The flat --data.* keys of before the groups (documented commands, old scripts) still run.
     args = upgrade_data_argv(_nested_nulls(_class_names(args)))
+    # (jsonargparse takes the flag's value only as ``--print_config=VALUE``.)
     printing = [arg for arg in args if arg.split("=", 1)[0] == "--print_config"]
     if printing and "--help" not in args and "-h" not in args:
         # jsonargparse prints before any class is built, so a value out of range would

@@ -17,7 +17,6 @@ import lightning as L
 import torch
 
 from protogmm.evaluation import evaluate_long_tail, prototype_diversity
-from protogmm.evaluation.features import extract_features
 
 #: Linear-probe epochs of the per-group analysis (as ``protogmm eval linear``).
 LONGTAIL_LINEAR_EPOCHS = 100
@@ -80,11 +79,8 @@ def teacher_prototype_diversity(module: L.LightningModule, datamodule: Any) -> d
     (:func:`~protogmm.evaluation.prototype_diversity` gives the measures).
     """
     train_loader, _ = datamodule.knn_dataloaders()
-    teacher = torch.nn.Sequential(module.teacher["backbone"], module.teacher["head"])
     with evaluating(module):
-        embeddings, labels = extract_features(
-            teacher, train_loader, module.device, batch_statistics=True
-        )
+        embeddings, labels = module.teacher_embeddings(train_loader)
         prototypes = module.teacher_prototype_set()
         assignments = torch.cat(
             [

@@ -24,8 +24,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from protogmm._checks import check_choice, check_in_range, check_positive_int
+from protogmm.evaluation.features import extract_features, extract_features_sharded
 from protogmm.hosts import DINO, Host, StepContext
 from protogmm.models import ProjectionHead, build_backbone, make_teacher, update_ema_
 from protogmm.prototypes import OnlineGMM, PrototypeSet
@@ -202,6 +204,24 @@ class PrototypicalSSL(L.LightningModule):
     def teacher_prototype_set(self) -> PrototypeSet:
         """The set the teacher scores against (its targets; diagnose's usage)."""
         return self.prototype_sets.teacher
+
+    def teacher_embeddings(
+        self, loader: DataLoader, *, sharded: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The teacher's embeddings (backbone, projection head) of ``loader``'s images and
+        their labels, on this module's device, with BatchNorm on batch statistics as the
+        teacher embeds in training (:mod:`protogmm.evaluation.features`).
+
+        Args:
+            loader: the images, e.g. a data module's k-NN loader.
+            sharded: every process of the process group calls this and embeds its share
+                (``protogmm diagnose`` under torchrun); False: this process embeds all (what
+                rank 0 alone may call).
+        """
+        teacher = nn.Sequential(self.teacher["backbone"], self.teacher["head"])
+        if sharded:
+            return extract_features_sharded(teacher, loader, self.device, batch_statistics=True)
+        return extract_features(teacher, loader, self.device, batch_statistics=True)
 
     # ------------------------------------------------------------------ schedules
     def schedule_horizon(self) -> int:
