@@ -42,6 +42,8 @@ class StepContext:
         schedule: this step's per-step hyperparameters (temperatures, ...).
         step: the optimizer step (the host's own random draws are seeded by it).
         rank: this process's rank (each rank draws its own).
+        micro_batch: the micro-batch within the optimizer step under gradient
+            accumulation (0 without it): each draws its own.
     """
 
     student: nn.ModuleDict
@@ -50,6 +52,7 @@ class StepContext:
     schedule: dict[str, float]
     step: int = 0
     rank: int = 0
+    micro_batch: int = 0
 
 
 @dataclass
@@ -168,9 +171,11 @@ class Host(ConfigSpec, nn.Module):
         """A seed for this step's own draws: a hash of (purpose, seed, rank, step).
 
         Independent of the global RNGs (the augmentations' stream does not shift), identical
-        on resume, different on each DDP rank.
+        on resume, different on each DDP rank and each accumulated micro-batch.
         """
         key = f"{purpose}/{getattr(self, 'seed', 0)}/{ctx.rank}/{ctx.step}"
+        if ctx.micro_batch:  # without accumulation the key (and the draws) stay as before
+            key += f"/{ctx.micro_batch}"
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
     @staticmethod

@@ -37,7 +37,12 @@ from protogmm.prototypes.sets import PrototypeSets, add_prototype_modules
 from protogmm.schedules import cosine_ramp, warmup_cosine
 from protogmm.training.distributed import capture_rng_state, restore_rng_state
 from protogmm.training.legacy_hparams import upgrade_model_hparams
-from protogmm.training.optimization import build_optimizer, parameter_groups
+from protogmm.training.optimization import (
+    build_optimizer,
+    clip_each_parameter_,
+    parameter_groups,
+)
+from protogmm.training.step_metrics import step_metrics
 
 #: State-dict prefixes of the host's objectives before they moved into ``host`` (old
 #: checkpoints are renamed as they load).
@@ -92,6 +97,10 @@ class PrototypicalSSL(L.LightningModule):
             the decayed group only, so biases and norms are not adapted, as DINO's LARS
             filter) or ``"sgd"`` (momentum 0.9). Every one follows the same learning-rate and
             weight-decay schedules and keeps the same parameter groups.
+        clip_grad: DINO's ``--clip_grad``: each parameter's gradient norm is capped at this
+            value on its own (:func:`~protogmm.training.optimization.clip_each_parameter_`).
+            None: no such clip. The trainer's ``gradient_clip_val`` is Lightning's clip of
+            all gradients together by one factor, a different rule; both may be set.
     """
 
     #: The run's :class:`~protogmm.training.reliability.NonFiniteGuard` (it installs itself
@@ -123,6 +132,7 @@ class PrototypicalSSL(L.LightningModule):
         teacher_momentum: float = 0.996,
         schedule_steps: int | None = None,
         optimizer: Literal["adamw", "lars", "sgd"] = "adamw",
+        clip_grad: float | None = None,
     ) -> None:
         super().__init__()
         _check_arguments(locals())
@@ -265,7 +275,9 @@ class PrototypicalSSL(L.LightningModule):
     def on_fit_start(self) -> None:
         kind = self.kind
         if isinstance(kind, Decoupled) and kind.gmm.anneal_steps is None:
-            steps = int(round(kind.anneal_fraction * self.schedule_horizon()))
+            # beta counts the mixture's updates: one per micro-batch (accumulation included).
+            updates = self.schedule_horizon() * self.trainer.accumulate_grad_batches
+            steps = int(round(kind.anneal_fraction * updates))
             for mixture in self.prototype_sets.mixtures:
                 mixture.anneal_steps = steps
 
@@ -287,8 +299,9 @@ class PrototypicalSSL(L.LightningModule):
         """Backbone features of the teacher (the encoder evaluated by k-NN, as in DINO)."""
         return self.teacher["backbone"](images)
 
-    def step_context(self, schedule: dict[str, float]) -> StepContext:
+    def step_context(self, schedule: dict[str, float], batch_idx: int = 0) -> StepContext:
         """What the host's step is handed: the networks, the prototype sets, the schedule."""
+        accumulation = 1 if self._trainer is None else self.trainer.accumulate_grad_batches
         return StepContext(
             self.student,
             self.teacher,
@@ -296,6 +309,7 @@ class PrototypicalSSL(L.LightningModule):
             schedule,
             step=self.global_step,
             rank=self.global_rank,
+            micro_batch=batch_idx % accumulation,
         )
 
     def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
@@ -307,7 +321,7 @@ class PrototypicalSSL(L.LightningModule):
 
         # The host's step: the teacher embeds, the prototypes are fitted (eq. 2), the
         # encoder is trained against them (eq. 3); see protogmm.hosts.base.Host.step.
-        output = self.host.step(self.step_context(schedule), views)
+        output = self.host.step(self.step_context(schedule, batch_idx), views)
         loss, metrics = output.loss, dict(output.metrics)
 
         # Joint only: KoLeo-proto pushes every learned prototype from its nearest neighbour.
@@ -355,6 +369,18 @@ class PrototypicalSSL(L.LightningModule):
                 for param in prototypes.parameters():
                     param.grad = None
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.hparams.clip_grad is not None:  # DINO's --clip_grad: each parameter alone
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            clip_each_parameter_(params, self.hparams.clip_grad)
+        # The trainer's gradient_clip_val, if any: Lightning's clip of all norms together.
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.step_guard is not None and self.step_guard.skip_step:
@@ -380,42 +406,11 @@ class PrototypicalSSL(L.LightningModule):
             restore_rng_state(state)
 
     # ------------------------------------------------------------------ logging
-    @torch.no_grad()
     def _log_step(
         self, loss: Tensor, schedule: dict[str, float], targets: Tensor, extra: dict[str, Any]
     ) -> None:
-        """Loss, schedules, the two failure modes of design.md §3, the host's own terms."""
-        probs = targets.reshape(-1, targets.shape[-1]).float()
-        sample_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
-        marginal = probs.mean(0)
-        marginal_entropy = -(marginal * marginal.clamp_min(1e-12).log()).sum()
-        metrics = {
-            "train/loss": loss.detach(),
-            **{
-                f"train/{key}": value
-                for key, value in schedule.items()
-                if key != "freeze_prototypes"
-            },
-            # ~log K: targets near uniform; ~0: one-hot; the marginal's exp = prototypes in use
-            "targets/sample_entropy": sample_entropy,
-            "targets/marginal_entropy": marginal_entropy,
-            "targets/argmax_used": float(probs.argmax(1).unique().numel()),
-            **extra,
-        }
-        mixture = self.prototype_sets.mixture
-        if mixture is not None:
-            log_var = mixture.variances.log()
-            per_component = log_var.mean(1) if log_var.ndim == 2 else log_var
-            metrics.update(
-                {
-                    "gmm/beta": mixture.beta,
-                    "gmm/log_var_mean": per_component.mean(),
-                    "gmm/log_var_spread": per_component.std() if per_component.numel() > 1 else 0.0,
-                    "gmm/reseeded": float(mixture.num_reseeded),
-                    "gmm/merged": float(mixture.num_merged),
-                }
-            )
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+        metrics = step_metrics(loss, schedule, targets, self.prototype_sets.mixture)
+        self.log_dict({**metrics, **extra}, on_step=True, on_epoch=False, prog_bar=False)
         self.log("loss", loss.detach(), on_step=True, prog_bar=True, logger=False)
 
 
@@ -430,6 +425,8 @@ def _check_arguments(args: Mapping[str, Any]) -> None:
     if args["schedule_steps"] is not None:
         check_positive_int("model.schedule_steps", args["schedule_steps"])
     check_choice("model.optimizer", args["optimizer"], ("adamw", "lars", "sgd"))
+    if args["clip_grad"] is not None:
+        check_in_range("model.clip_grad", args["clip_grad"], 0.0, math.inf, low_inclusive=False)
 
 
 def _rename_moved_state(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

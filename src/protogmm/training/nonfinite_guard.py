@@ -130,7 +130,11 @@ class NonFiniteGuard(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.skip_step = False
+        # A skip spans the whole optimizer step: under gradient accumulation a bad
+        # micro-batch's gradients are already summed, so its step's later micro-batches
+        # are skipped too (the module returns the skipped-step loss for them).
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self.skip_step = False
         problem = _describe_nonfinite(_batch_tensors(batch))
         if self._any_rank(trainer, pl_module, problem is not None):
             self._stop_or_skip(trainer, "input batch", problem, skippable=True)
@@ -226,10 +230,11 @@ class NonFiniteGuard(L.Callback):
         if trainer.world_size > 1 and detail is not None:
             where = f"rank {trainer.global_rank}: {detail}"
         if self.action == "skip" and skippable:
+            if self.skip_step:
+                return  # this optimizer step is skipped already
             self._consecutive += 1
             if self._consecutive <= self.max_consecutive_skips:
-                if not self.skip_step:
-                    self.skipped_steps.append(step)
+                self.skipped_steps.append(step)
                 self.skip_step = True
                 return
             raise NonFiniteError(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from protogmm.prototypes.sets import PrototypeSets
 
@@ -69,3 +70,17 @@ def build_optimizer(
             groups, lr=lr, momentum=OPTIMIZER_MOMENTUM, weight_decay=weight_decay
         )
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+@torch.no_grad()
+def clip_each_parameter_(parameters: Iterable[Tensor], max_norm: float) -> None:
+    """DINO's ``--clip_grad`` (its ``utils.clip_gradients``): each parameter's gradient is
+    scaled to L2 norm at most ``max_norm`` on its own, ``g * min(1, c / (||g|| + 1e-6))``.
+
+    Lightning's ``gradient_clip_val`` instead scales every gradient by one factor, from the
+    norm of all of them together. Parameters without a gradient are left alone.
+    """
+    for param in parameters:
+        if param.grad is not None:
+            norm = torch.linalg.vector_norm(param.grad)
+            param.grad.mul_((max_norm / (norm + 1e-6)).clamp_(max=1.0))
