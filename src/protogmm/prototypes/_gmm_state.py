@@ -158,7 +158,12 @@ class MixtureState(OnlineEMSteps):
 
         The pooled within-cluster variance, not the variance of all embeddings: the latter
         includes the spread between clusters, and a first E-step that broad assigns every
-        embedding to every component. Under ``torch.distributed`` rank 0 initialises and
+        embedding to every component. From one row per cluster (the default
+        ``init_samples``: K rows) the residuals are all zero and every component starts at
+        the variance floor: the first E-steps are then near-hard assignments, and the
+        M-steps estimate the variances from the data (on planted clusters the median reaches
+        its level within 5-20 updates; starting from the variance of all rows instead, it
+        stayed 3x broader after 12). Under ``torch.distributed`` rank 0 initialises and
         broadcasts, so every rank starts from the same mixture.
         """
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
