@@ -68,9 +68,10 @@ class MixtureOptions:
         init_restarts: k-means runs at initialisation; the lowest inertia is kept.
         init_variance: the initial variance of every component: ``"pooled"`` within the
             k-means clusters (the variance floor when each cluster holds one row, as with
-            the default ``init_samples``; the first updates then estimate it), or ``"global"``, the variance of all the embeddings (the former
-            default: it includes the spread between clusters, so the first E-steps assign
-            every embedding to every component).
+            the default ``init_samples``; the first updates then estimate it), or
+            ``"global"``, the variance of all the embeddings (the former default: it
+            includes the spread between clusters, so the first E-steps assign every
+            embedding to every component).
         kmeanspp_max_seeds: above this K the sequential k-means++ seeding is replaced by a
             random choice of distinct embeddings (k-means++ costs K sequential passes).
         merge_overlap: merge two components when the Bhattacharyya coefficient of their
