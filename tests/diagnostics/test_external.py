@@ -160,7 +160,20 @@ def test_protogmm_state_dicts_are_normalised(tmp_path: Path) -> None:
     torch.testing.assert_close(found["teacher/prototypes"], unit)
 
 
-@pytest.mark.parametrize("kind", ["joint", "decoupled"])
+def test_solo_learn_swav_weight_normalised_prototypes(tmp_path: Path) -> None:
+    # solo-learn's SwAV: nn.utils.weight_norm(nn.Linear(d, K)) named "prototypes".
+    g, v = weight_norm_parts(3)
+    state_dict = {
+        **backbone_entries(""),
+        "prototypes.weight_g": g,
+        "prototypes.weight_v": v,
+    }
+    found = load_prototypes(save(tmp_path, {"state_dict": state_dict}))
+    assert list(found) == ["prototypes"]
+    torch.testing.assert_close(found["prototypes"], effective(g, v))
+
+
+@pytest.mark.parametrize("kind", ["joint", "decoupled", "partial"])
 def test_protogmm_module_state_dict_gives_its_prototypes(tmp_path: Path, kind: str) -> None:
     from protogmm.training.module import PrototypicalSSL
 
@@ -180,9 +193,12 @@ def test_protogmm_module_state_dict_gives_its_prototypes(tmp_path: Path, kind: s
         expected = sets.student.prototypes().detach()
         torch.testing.assert_close(found["student/prototypes"], expected)
         torch.testing.assert_close(found["teacher/prototypes"], sets.teacher.prototypes().detach())
-    else:
+    elif kind == "decoupled":
         assert list(found) == ["gmm"]
         torch.testing.assert_close(found["gmm"], model.gmm.prototypes())
+    else:  # partial: the teacher scores against the clustering layer, which must be read
+        assert "clustering" in found
+        torch.testing.assert_close(found["clustering"], model.prototype_vectors())
 
 
 def test_name_collision_falls_back_to_the_full_path(tmp_path: Path) -> None:

@@ -45,6 +45,26 @@ def test_batch_statistics_normalise_each_batch_and_leave_running_statistics_alon
     assert not torch.allclose(running, features, atol=1e-2)
 
 
+def test_sync_batch_norm_uses_this_process_batch_inside_a_process_group(tmp_path) -> None:
+    # Inside a process group, SyncBatchNorm in training mode would pool every process's
+    # statistics: a collective that hangs when one process embeds alone (on CPU it raises).
+    encoder = nn.SyncBatchNorm.convert_sync_batchnorm(_stale_encoder())
+    x = torch.randn(40, 6, dtype=torch.float64) * 3 + 5
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
+    )
+    try:
+        features, _ = extract_features(encoder, _batches(x, 20), batch_statistics=True)
+    finally:
+        torch.distributed.destroy_process_group()
+    expected = torch.cat([_reference(encoder, chunk) for chunk in x.split(20)])
+    torch.testing.assert_close(features, expected.float(), rtol=1e-5, atol=1e-5)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert "forward" not in vars(encoder[1])  # the layer's own forward is back
+
+
 def test_a_small_last_batch_is_normalised_with_the_batch_before() -> None:
     encoder = _stale_encoder()
     x = torch.randn(21, 6, dtype=torch.float64)

@@ -22,8 +22,10 @@ e.g. ``"student"``, ``"teacher"``, ``"model"``, ``"state_dict"``):
 * protogmm's Lightning checkpoints: ``state_dict`` with ``gmm.mean`` (decoupled
   ``OnlineGMM``, prototypes ``mean / ||mean||``) or ``student.prototypes.weight`` /
   ``teacher.prototypes.weight`` (joint ``LearnedPrototypes``, prototypes
-  ``weight / ||weight||``). SwAV's ``prototypes.weight`` is read the same way (SwAV
-  normalises it after every step).
+  ``weight / ||weight||``), and ``clustering.weight`` (partial, CAPI-style: the set the
+  teacher scores against). SwAV's ``prototypes.weight`` is read the same way (SwAV
+  normalises it after every step); solo-learn's SwAV stores it weight-normalised
+  (``prototypes.weight_g`` / ``weight_v``), read as the rule above.
 
 Files are always read with ``torch.load(weights_only=True)``, with one class added to its
 allow-list: ``argparse.Namespace``, which facebookresearch/dino's full checkpoints use for
@@ -87,7 +89,7 @@ _WRAPPER_TOKENS = frozenset(
 _ROLES = ("student", "teacher")
 # Layer names (last dotted component) that hold prototypes, per reading rule.
 _HEAD_LAYERS = frozenset({"last_layer", "last_layer2"})
-_NORMALISED_LAYERS = frozenset({"prototypes"})
+_NORMALISED_LAYERS = frozenset({"prototypes", "clustering"})
 _GMM_LAYERS = frozenset({"gmm"})
 # Key suffix -> (rule, part).
 _SUFFIXES: tuple[tuple[str, str, str], ...] = (
@@ -333,7 +335,7 @@ def _group_layers(mapping: dict[str, Tensor]) -> list[tuple[str, str, dict[str, 
             base = key[: -len(suffix)]
             layer = _strip_wrappers(base).rsplit(".", 1)[-1]
             wanted = {
-                "weight_norm": _HEAD_LAYERS,
+                "weight_norm": _HEAD_LAYERS | _NORMALISED_LAYERS,
                 "plain": _HEAD_LAYERS | _NORMALISED_LAYERS,
                 "gmm": _GMM_LAYERS,
             }[rule]

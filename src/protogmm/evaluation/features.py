@@ -13,10 +13,12 @@ BatchNorm's momentum 0.1, 0.9 ** 16 = 19 % of the initial variance of 1 is left 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
@@ -100,17 +102,28 @@ def _batch_norm_on_batches(encoder: nn.Module) -> Iterator[None]:
 
     In training mode without ``track_running_stats`` a BatchNorm layer normalises with the
     batch's mean and (biased) variance and neither reads nor updates its buffers; the
-    layers' own settings come back afterwards.
+    layers' own settings come back afterwards. A ``SyncBatchNorm`` layer would pool the
+    statistics of every process in training mode, a collective that hangs when one process
+    embeds alone (the run report's long-tail analysis on rank 0) and that ties the result to
+    the process count: it normalises with this process's batch, as the others do.
     """
     layers = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(layer.training, layer.track_running_stats) for layer in layers]
     for layer in layers:
         layer.training, layer.track_running_stats = True, False
+        if isinstance(layer, nn.SyncBatchNorm):
+            layer.forward = functools.partial(_local_batch_norm, layer)  # type: ignore[method-assign]
     try:
         yield
     finally:
         for layer, (training, tracking) in zip(layers, saved, strict=True):
             layer.training, layer.track_running_stats = training, tracking
+            layer.__dict__.pop("forward", None)
+
+
+def _local_batch_norm(layer: nn.SyncBatchNorm, input: Tensor) -> Tensor:
+    """``layer`` on this process's batch statistics alone, buffers untouched."""
+    return F.batch_norm(input, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
 
 
 def extract_features_sharded(
