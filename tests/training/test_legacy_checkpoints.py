@@ -178,9 +178,11 @@ def test_a_flat_data_checkpoint_loads_compares_and_resumes(
     assert comparable_settings(merged)["synthetic.samples"] == 64
 
     # Resumes through the command line with no note of changed data settings (the trainer's
-    # differ: the tiny run was not made by `fit`, and this resume trains a second epoch).
+    # differ: the tiny run was not made by `fit`, and this resume trains a second epoch;
+    # nor did it clip gradients, which fit's defaults do).
     run_dir = tmp_path / "run"
     args = [*TINY_FIT, "--data.num_local_crops=0", "--trainer.max_epochs=2"]
+    args += ["--model.clip_grad=null"]
     args += [f"--trainer.default_root_dir={run_dir}", f"--ckpt_path={path}"]
     assert main(["fit", *args]) == 0
     warning = capsys.readouterr().err
