@@ -62,6 +62,16 @@ class CARP(Host):
                 f"model.host.block_size must divide model.num_prototypes={num_prototypes}, "
                 f"got {self.block_size}"
             )
+        gmm = getattr(kind, "gmm", None)
+        truncated = gmm is not None and (gmm.top_k or num_prototypes) < num_prototypes
+        if truncated and getattr(kind, "targets", "host") == "posterior":
+            # Renormalised within a block, a truncated posterior is uniform in every block
+            # that holds none of the row's top_k components: no gradient there.
+            raise ValueError(
+                "model.prototypes.targets 'posterior' with model.host CARP needs the dense "
+                "posterior (--model.prototypes.gmm.top_k null): CARP renormalises it within "
+                "each block, and a truncated one leaves most blocks uniform"
+            )
         self.objective = CARPLoss(
             num_prototypes,
             self.block_size,
