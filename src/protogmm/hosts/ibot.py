@@ -45,7 +45,10 @@ class IBOT(DINO):
         num_patch_prototypes: separate only: K of the patch set (default: K).
         patch_weight: weight of the patch loss (iBOT's lambda2, 1).
         teacher_patch_temperature: patch tau_t after warm-up (iBOT 0.07).
-        warmup_teacher_patch_temperature: patch tau_t at step 0 (iBOT 0.04).
+        warmup_teacher_patch_temperature: patch tau_t at step 0 (iBOT 0.04), warmed up over
+            ``teacher_temperature_warmup_epochs`` as the [CLS] one; with their default of 0
+            (DINO's host; iBOT's own is 30) the patch tau_t is ``teacher_patch_temperature``
+            from step 0.
         patch_mixture_samples: decoupled: at most this many teacher patch embeddings (a
             seeded random subset) update the mixture per step.
         seed: seed of the masks and the patch subset, independent of the global RNGs so
