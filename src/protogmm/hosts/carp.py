@@ -18,7 +18,7 @@ from protogmm.hosts.base import (
 )
 from protogmm.hosts.ibot import _check_seed
 from protogmm.objectives import CARPLoss
-from protogmm.prototypes.kinds import PrototypeKind
+from protogmm.prototypes.kinds import Decoupled, PrototypeKind
 
 __all__ = ["CARP"]
 
@@ -62,9 +62,11 @@ class CARP(Host):
                 f"model.host.block_size must divide model.num_prototypes={num_prototypes}, "
                 f"got {self.block_size}"
             )
-        gmm = getattr(kind, "gmm", None)
-        truncated = gmm is not None and (gmm.top_k or num_prototypes) < num_prototypes
-        if truncated and getattr(kind, "targets", "host") == "posterior":
+        if (
+            isinstance(kind, Decoupled)
+            and kind.targets == "posterior"
+            and (kind.gmm.top_k or num_prototypes) < num_prototypes
+        ):
             # Renormalised within a block, a truncated posterior is uniform in every block
             # that holds none of the row's top_k components: no gradient there.
             raise ValueError(
